@@ -1,0 +1,74 @@
+"""Importable functions behind the CLI commands (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from saq_deploy.errors import ConfigError, ModelLoadError
+from saq_deploy.generate import SampleSettings, generate, validate_settings
+
+
+def _load_cond_file(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise ModelLoadError(f"--cond-file '{path}' does not exist")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"--cond-file '{path}' is not a valid safetensors file ({e})") from e
+    if "cond" not in tensors:
+        raise ConfigError(f"--cond-file '{path}' has no 'cond' tensor (keys: {', '.join(tensors) or 'none'})")
+    cond = tensors["cond"].float()
+    if cond.ndim != 3 or cond.shape[0] not in (1, n):
+        raise ConfigError(f"'cond' must have shape (1 or {n}, L, D), got {tuple(cond.shape)}")
+    cond = cond.expand(n, -1, -1).contiguous()
+    uncond = tensors.get("uncond")
+    return cond, None if uncond is None else uncond.float()[:1]
+
+
+def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
+                   cond_file: Path | None = None, progress: bool = False) -> Path:
+    """Load a model, sample ``settings.n`` images, write a grid PNG and ``<output>.json`` manifest."""
+    from rich.progress import Progress
+
+    from saq_deploy.models.loading import load_model
+    from saq_deploy.utils.images import save_grid
+    from saq_deploy.utils.io import write_json_atomic
+    from saq_deploy.utils.versions import package_versions
+
+    validate_settings(settings)  # fail before the (slow) model load
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise ConfigError(f"--output must end in .png, got '{output}'")
+    torch.manual_seed(settings.seed)
+    loaded = load_model(model_spec)
+    cond, null = None, loaded.null_label
+    if loaded.kind == "text":
+        if cond_file is None:
+            raise ConfigError("this UNet uses cross-attention: pass --cond-file with prompt embeddings")
+        cond, null = _load_cond_file(Path(cond_file), settings.n)
+    t0 = time.perf_counter()
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
+        images, labels = generate(
+            loaded.eps_model(), loaded.schedule(), loaded.sample_shape, settings,
+            num_classes=loaded.num_classes, null_label=null, cond=cond,
+            on_batch=lambda done: bar.update(task, completed=done),
+        )
+    wall = time.perf_counter() - t0
+    nrow = loaded.num_classes if (settings.label is None and loaded.num_classes) else None
+    save_grid(images, output, nrow=nrow)
+    write_json_atomic(output.with_suffix(".json"), {
+        "artifact": "sample-grid",
+        "model": loaded.name,
+        "model_hash": loaded.source_hash,
+        "settings": settings.to_dict(),
+        "labels": None if labels is None else labels.tolist(),
+        "wall_time_s": round(wall, 3),
+        "versions": package_versions(),
+    })
+    return output

@@ -1,0 +1,33 @@
+"""`saq-deploy sample`: a grid of samples from a model through one of our samplers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from saq_deploy.cli.options import CfgOpt, ModelOpt, NumOpt, OutputOpt, SamplerName, SamplerOpt, SeedOpt, SpacingOpt, StepsOpt
+
+
+def sample_cmd(
+    model: ModelOpt = "builtin:digits",
+    sampler: SamplerOpt = SamplerName.dpmpp_2m,
+    steps: StepsOpt = 10,
+    cfg: CfgOpt = 1.5,
+    seed: SeedOpt = 0,
+    num_samples: NumOpt = 64,
+    label: Annotated[int | None, typer.Option("--label", help="Class label for every sample (default: cycle through classes).")] = None,
+    spacing: SpacingOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per model call batch.")] = 64,
+    cond_file: Annotated[Path | None, typer.Option("--cond-file", help="Cross-attention UNets: safetensors with 'cond' (1|N, L, D) and optional 'uncond' embeddings.")] = None,
+    output: OutputOpt = Path("grid.png"),
+) -> None:
+    """Sample a grid PNG (and a JSON manifest beside it)."""
+    from saq_deploy.api import sample_to_file
+    from saq_deploy.generate import SampleSettings
+
+    settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
+                              label=label, spacing=spacing.value if spacing else None, batch_size=batch_size)
+    out = sample_to_file(model, settings, output, cond_file=cond_file, progress=True)
+    typer.echo(f"wrote {out} ({num_samples} samples, {sampler.value}, {steps} steps, cfg {cfg})")

@@ -1,0 +1,1 @@
+"""Anything that predicts noise, behind one contract: ``eps(x, timestep, cond) -> eps``."""

@@ -1,0 +1,157 @@
+"""Load a diffusion UNet (built-in or a local diffusers folder) with its noise schedule.
+
+Accepted ``--model`` values:
+- ``builtin:digits``: the committed reference model;
+- a diffusers UNet folder (``config.json`` + weights; ``UNet2DModel`` or ``UNet2DConditionModel``)
+  with ``scheduler_config.json`` beside it or in ``../scheduler/`` (pipeline layout);
+- a diffusers pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``).
+Nothing is ever downloaded: only local paths are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saq_deploy.errors import ConfigError, ModelLoadError
+
+BUILTINS: dict[str, str] = {
+    "digits": "class-conditional DDPM UNet2DModel, 1x16x16, 10 classes + null class for CFG, "
+    "trained on scikit-learn's digits",
+}
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+MODEL_META_FILE = "saq_model.json"  # optional: {"num_classes": 10, "null_label": 10}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    unet: Any  # diffusers UNet2DModel / UNet2DConditionModel, eval mode, float32
+    scheduler_config: dict
+    unet_dir: Path
+    source_hash: str
+    num_classes: int | None = None  # class-conditional models only
+    null_label: int | None = None  # label of the unconditional branch for CFG (None: no CFG)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """"class", "text" (cross-attention) or "uncond"."""
+        if self.unet.__class__.__name__ == "UNet2DConditionModel":
+            return "text"
+        return "class" if self.unet.config.get("num_class_embeds") else "uncond"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, h, w)
+
+    def eps_model(self):
+        from saq_deploy.models.eps_model import TorchEpsModel
+
+        return TorchEpsModel(self.unet)
+
+    def schedule(self):
+        from saq_deploy.schedules.vp import VPSchedule
+
+        return VPSchedule.from_diffusers(self.scheduler_config)
+
+
+def builtin_dir(name: str) -> Path:
+    from saq_deploy.reference import DIGITS_UNET_DIR
+
+    dirs = {"digits": DIGITS_UNET_DIR}
+    if name not in dirs:
+        raise ConfigError(f"unknown built-in model 'builtin:{name}'; available: "
+                          + ", ".join(f"builtin:{k}" for k in BUILTINS))
+    return dirs[name]
+
+
+def _resolve_unet_dir(path: Path) -> tuple[Path, Path | None]:
+    """Return (unet folder, scheduler_config.json or None) for a UNet or pipeline folder."""
+    if not path.exists():
+        raise ModelLoadError(f"model path '{path}' does not exist; pass builtin:digits or a local "
+                             "diffusers UNet/pipeline folder")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path '{path}' is a file; pass the diffusers folder that holds "
+                             "config.json and the weights")
+    if (path / "model_index.json").exists():
+        unet_dir, sched = path / "unet", path / "scheduler" / "scheduler_config.json"
+        if not (unet_dir / "config.json").exists():
+            raise ModelLoadError(f"pipeline folder '{path}' has no unet/config.json")
+        return unet_dir, sched if sched.exists() else None
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"'{path}' is not a diffusers model folder (no config.json or model_index.json)")
+    for cand in (path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
+        if cand.exists():
+            return path, cand
+    return path, None
+
+
+def _load_unet(unet_dir: Path):
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    cls_name = cfg.get("_class_name")
+    if cls_name not in SUPPORTED_CLASSES:
+        raise ModelLoadError(f"'{unet_dir}' holds a {cls_name or 'non-diffusers'} model; supported: "
+                             + ", ".join(SUPPORTED_CLASSES))
+    weights = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors"))
+    if not weights and not sorted(unet_dir.glob("diffusion_pytorch_model*.bin")):
+        raise ModelLoadError(f"'{unet_dir}' has no diffusion_pytorch_model.safetensors (or .bin) weights")
+    for w in weights:  # check the header before diffusers does, for a one-line error
+        _check_safetensors(w)
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    try:
+        # .bin weights go through torch.load(weights_only=True) inside diffusers
+        unet = cls.from_pretrained(unet_dir, use_safetensors=bool(weights), local_files_only=True)
+    except Exception as e:  # diffusers raises many types for broken folders
+        raise ModelLoadError(f"could not load the UNet from '{unet_dir}': {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return unet.eval().float()
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in list(f.keys())[:1]:
+                f.get_slice(key)
+    except Exception as e:
+        raise ModelLoadError(f"weight file '{path}' is not a valid safetensors file ({e}); "
+                             "re-download or re-export it") from e
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """Load ``builtin:NAME`` or a local diffusers folder. Raises ConfigError / ModelLoadError."""
+    from saq_deploy.utils.io import sha256_dir
+
+    spec_s = str(spec)
+    if spec_s.startswith("builtin:"):
+        name = spec_s.split(":", 1)[1]
+        unet_dir, sched = _resolve_unet_dir(builtin_dir(name))
+    else:
+        name = Path(spec_s).name or spec_s
+        unet_dir, sched = _resolve_unet_dir(Path(spec_s).expanduser())
+    if sched is None:
+        raise ModelLoadError(f"no scheduler_config.json beside '{unet_dir}' or in ../scheduler/; the noise "
+                             "schedule is needed to sample: copy the pipeline's scheduler config there")
+    unet = _load_unet(unet_dir)
+    meta_path = unet_dir / MODEL_META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    num_class_embeds = unet.config.get("num_class_embeds")
+    num_classes = meta.get("num_classes", num_class_embeds)
+    return LoadedModel(
+        name=spec_s if spec_s.startswith("builtin:") else name,
+        unet=unet,
+        scheduler_config=json.loads(sched.read_text()),
+        unet_dir=unet_dir,
+        source_hash=sha256_dir(unet_dir),
+        num_classes=num_classes if num_class_embeds else None,
+        null_label=meta.get("null_label") if num_class_embeds else None,
+        meta=meta,
+    )

@@ -1,0 +1,154 @@
+"""Train the built-in class-conditional DDPM (`builtin:digits`) on scikit-learn's digits.
+
+Reproducible from the seed on CPU (deterministic algorithms, one data-order generator). The EMA
+weights are saved as a standard diffusers folder (config.json + safetensors + scheduler config)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from saq_deploy.reference import NULL_LABEL, NUM_CLASSES
+from saq_deploy.reference.data import IMAGE_SIZE, load_digits_16
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # labels replaced by NULL_LABEL so classifier-free guidance works
+    seed: int = 0
+    num_train_timesteps: int = 1000
+
+
+def build_unet():
+    """1.71 M-parameter UNet2DModel; attention in the two lower down blocks and two upper up blocks,
+    so attention projections exist to quantize."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=NUM_CLASSES + 1,
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+
+
+def build_scheduler(num_train_timesteps: int = 1000):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon"
+    )
+
+
+def train_reference(out_dir: Path, config: TrainConfig = TrainConfig(), *, progress: bool = True) -> dict:
+    """Train and write a diffusers UNet folder to ``out_dir`` (atomically). Returns the training log."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(Path(out_dir), config, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    images, labels = load_digits_16(split="all")
+    unet = build_unet()
+    ema = build_unet()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    sched = build_scheduler(config.num_train_timesteps)
+    acp = sched.alphas_cumprod.float()
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return config.lr * (step + 1) / config.warmup
+        frac = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("train-reference", total=config.steps)
+        for step in range(config.steps):
+            idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
+            x0, y = images[idx], labels[idx].clone()
+            drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout
+            y[drop] = NULL_LABEL
+            t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            a = acp[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=y).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+            if step % 50 == 0 or step == config.steps - 1:
+                recent = sum(losses[-200:]) / len(losses[-200:])
+                bar.update(task, completed=step + 1, description=f"train-reference loss {recent:.4f}")
+    wall = time.perf_counter() - t0
+    log = {
+        "config": asdict(config),
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
+        "loss_every_100": [sum(losses[i : i + 100]) / len(losses[i : i + 100]) for i in range(0, len(losses), 100)],
+        "wall_time_s": wall,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "data": "sklearn.datasets.load_digits, all 1797 images, bilinear 8x8->16x16, scaled to [-1, 1]",
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    ema.save_pretrained(tmp, safe_serialization=True)
+    sched.save_pretrained(tmp)  # scheduler_config.json beside the UNet, as in a pipeline's unet folder
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=2))
+    meta = {"num_classes": NUM_CLASSES, "null_label": NULL_LABEL, "image_range": [-1, 1],
+            "description": "builtin:digits reference model; see docs/reference-model.md"}
+    (tmp / "saq_model.json").write_text(json.dumps(meta, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return log
+
+
+if __name__ == "__main__":
+    import sys
+
+    from saq_deploy.reference import DIGITS_UNET_DIR
+
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else TrainConfig.steps
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else DIGITS_UNET_DIR
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = train_reference(out, TrainConfig(steps=steps))
+    print(json.dumps({k: v for k, v in result.items() if k != "loss_every_100"}, indent=2))
