@@ -72,3 +72,31 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
         "versions": package_versions(),
     })
     return output
+
+
+def evaluate_model(model_spec: str, settings: SampleSettings, *, progress: bool = False) -> dict:
+    """Sample ``settings.n`` digits and compute digit-FID, IS, precision/recall and accuracy.
+
+    Digit metrics need 1x16x16 samples in [-1, 1] (builtin:digits or a model like it); for other
+    models use ``saq_deploy.eval.fid`` with your own feature extractor."""
+    from rich.progress import Progress
+
+    from saq_deploy.eval.metrics import evaluate_samples
+    from saq_deploy.models.loading import load_model
+
+    validate_settings(settings)
+    loaded = load_model(model_spec)
+    if loaded.sample_shape != (1, 16, 16) or loaded.kind != "class":
+        raise ConfigError("digit metrics need a class-conditional model with 1x16x16 samples "
+                          f"(this one: {loaded.kind}, {loaded.sample_shape}); use saq_deploy.eval.fid "
+                          "with a feature extractor for your data")
+    t0 = time.perf_counter()
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
+        images, labels = generate(loaded.eps_model(), loaded.schedule(), loaded.sample_shape, settings,
+                                  num_classes=loaded.num_classes, null_label=loaded.null_label,
+                                  on_batch=lambda done: bar.update(task, completed=done))
+    sample_s = time.perf_counter() - t0
+    metrics = evaluate_samples(images, labels)
+    return {"model": loaded.name, "model_hash": loaded.source_hash, "settings": settings.to_dict(),
+            "metrics": metrics, "sampling_wall_time_s": round(sample_s, 2)}

@@ -85,7 +85,8 @@ def generate(
     model = eps_model
     if cond is not None and settings.cfg != 1.0:
         if null_label is None:
-            raise ConfigError("this model has no null class for classifier-free guidance; use --cfg 1")
+            raise ConfigError("classifier-free guidance needs an unconditional input: this model has no null "
+                              "class (saq_model.json) or 'uncond' embedding (--cond-file); use --cfg 1")
         model = ClassifierFreeGuidance(eps_model, settings.cfg, null_label)
     x_T = initial_noise(sample_shape, n, settings.seed) if x_T is None else x_T
     outs = []

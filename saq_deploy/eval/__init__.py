@@ -51,7 +51,7 @@ _WHERE = {
 # Imported eagerly (numpy only) so that the name `fid` is the function, not the submodule of the same
 # name: importing `saq_deploy.eval.fid` later cannot rebind it once the submodule is loaded. Use
 # `from saq_deploy.eval.fid import ...` to reach the module's contents.
-from saq_deploy.eval.fid import FIDStats, compute_stats, fid, frechet_distance  # noqa: E402
+from saq_deploy.eval.fid import FIDStats, compute_stats, fid, frechet_distance
 
 if TYPE_CHECKING:
     from saq_deploy.eval.classifier import DigitClassifier, load_classifier, save_classifier

@@ -99,12 +99,16 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+def accuracy(
+    model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        correct += (model.logits(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+        correct += (
+            (model.logits(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+        )
     model.train(was_training)
     return correct / max(1, len(images))
 
@@ -172,14 +176,14 @@ def save_classifier(model: DigitClassifier, path: str | Path, metadata: dict | N
     """Write the weights as safetensors (atomically); ``metadata`` values are stored as JSON strings."""
     from safetensors.torch import save
 
-    from saq_deploy.eval.fid import atomic_write
+    from saq_deploy.utils.io import write_bytes_atomic
 
     meta = {"arch": ARCH, "feature_dim": str(model.feature_dim), "num_classes": str(model.num_classes)}
     meta["fingerprint"] = fingerprint(model)
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, save(tensors, metadata=meta))
+    write_bytes_atomic(path, save(tensors, metadata=meta))
     return Path(path)
 
 
@@ -211,10 +215,14 @@ def load_classifier(path: str | Path = DIGITS_CLASSIFIER_PATH) -> DigitClassifie
         model = DigitClassifier(num_classes=num_classes, feature_dim=feature_dim)
         model.load_state_dict(tensors, strict=True)
     except ModelLoadError:
-        raise ModelLoadError(f"digits classifier at {path} is corrupt or not a safetensors file; {hint}") from None
+        raise ModelLoadError(
+            f"digits classifier at {path} is corrupt or not a safetensors file; {hint}"
+        ) from None
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"digits classifier at {path} is corrupt or incompatible ({msg}); {hint}") from None
+        raise ModelLoadError(
+            f"digits classifier at {path} is corrupt or incompatible ({msg}); {hint}"
+        ) from None
     model.eval()
     model.requires_grad_(False)
     return model

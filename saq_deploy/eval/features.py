@@ -58,7 +58,9 @@ class DigitFeatures:
         x = as_image_tensor(images)
         if tuple(x.shape[1:]) != (1, 16, 16):
             raise ConfigError(f"DigitFeatures needs (N, 1, 16, 16) images in [-1, 1], got {tuple(x.shape)}")
-        out = [self.classifier.features(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        out = [
+            self.classifier.features(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)
+        ]
         if not out:
             return np.zeros((0, self.dim), dtype=np.float64)
         return torch.cat(out).double().numpy()

@@ -6,8 +6,6 @@ different feature spaces (e.g. digit-CNN stats against Inception features) raise
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from saq_deploy.errors import ConfigError, ModelLoadError, SaqError
+from saq_deploy.utils.io import write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -23,24 +22,6 @@ if TYPE_CHECKING:
     from saq_deploy.eval.features import FeatureExtractor
 
 SQRTM_EPS = 1e-6
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and a rename (mode 0644),
-    so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are package data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 @dataclass(frozen=True)
@@ -85,7 +66,7 @@ class FIDStats:
             arrays["labels"] = np.asarray(self.labels, dtype=np.int64)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        atomic_write(path, buf.getvalue())
+        write_bytes_atomic(path, buf.getvalue())
         return Path(path)
 
     @classmethod
@@ -195,7 +176,9 @@ def fid(
     ref = reference_stats if isinstance(reference_stats, FIDStats) else FIDStats.load(reference_stats)
     name = getattr(extractor, "name", None)
     if not isinstance(name, str) or not callable(extractor):
-        raise ConfigError("extractor must be a FeatureExtractor: callable images -> (N, D) features with a `name`")
+        raise ConfigError(
+            "extractor must be a FeatureExtractor: callable images -> (N, D) features with a `name`"
+        )
     if name != ref.feature_name:
         raise ConfigError(
             f"reference FID statistics were computed with {ref.feature_name!r} but the extractor is {name!r}; "

@@ -37,7 +37,9 @@ def inception_score(probs: ArrayLike, splits: int = 1) -> float:
     if p.ndim != 2 or p.shape[0] == 0:
         raise ConfigError(f"probs must be a non-empty (N, K) array, got shape {p.shape}")
     if (p < -1e-9).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
-        raise ConfigError("probs rows must be probability distributions (non-negative, summing to 1); apply softmax")
+        raise ConfigError(
+            "probs rows must be probability distributions (non-negative, summing to 1); apply softmax"
+        )
     if not 1 <= splits <= p.shape[0]:
         raise ConfigError(f"splits must be between 1 and the number of samples ({p.shape[0]}), got {splits}")
     p = np.clip(p, 0.0, None)
@@ -146,10 +148,12 @@ def evaluate_samples(
 
     x = as_image_tensor(images)
     extractor = DigitFeatures(classifier)
-    stats = fid_stats if isinstance(fid_stats, FIDStats) else FIDStats.load(fid_stats or DIGITS_FID_STATS_PATH)
+    stats = (
+        fid_stats if isinstance(fid_stats, FIDStats) else FIDStats.load(fid_stats or DIGITS_FID_STATS_PATH)
+    )
     feats = extractor(x)
     probs = extractor.probs(x)
-    out: dict[str, float | int] = {"n_samples": int(len(x))}
+    out: dict[str, float | int] = {"n_samples": len(x)}
     out["digit_fid"] = frechet_distance(compute_stats(feats, extractor.name), stats)
     out["inception_score"] = inception_score(probs)
     out["precision"], out["recall"] = precision_recall(_real_features(stats, extractor), feats, k=k)

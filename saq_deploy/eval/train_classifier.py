@@ -20,8 +20,9 @@ def train_and_save(out_dir: str | Path = WEIGHTS_DIR, seed: int = 0, *, epochs: 
     """Train the classifier, save weights, report and real-digit FID stats to ``out_dir``; return the report."""
     from saq_deploy.eval.classifier import save_classifier, train_classifier
     from saq_deploy.eval.features import DigitFeatures
-    from saq_deploy.eval.fid import atomic_write, compute_stats, frechet_distance
+    from saq_deploy.eval.fid import compute_stats, frechet_distance
     from saq_deploy.reference.data import load_digits_16
+    from saq_deploy.utils.io import write_bytes_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +52,7 @@ def train_and_save(out_dir: str | Path = WEIGHTS_DIR, seed: int = 0, *, epochs: 
     save_classifier(model, weights_path, meta)
     stats.save(stats_path)
     report["artifacts"] = {p.name: p.stat().st_size for p in (weights_path, stats_path)}
-    atomic_write(out / DIGITS_CLASSIFIER_PATH.with_suffix(".json").name, json.dumps(report, indent=2) + "\n")
+    write_bytes_atomic(out / DIGITS_CLASSIFIER_PATH.with_suffix(".json").name, json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -27,9 +27,8 @@ class TorchEpsModel:
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
-        self._cross_attention = hasattr(unet.config, "cross_attention_dim") and unet.config.get(
-            "cross_attention_dim"
-        ) is not None if hasattr(unet, "config") else False
+        # UNet2DConditionModel takes encoder states; UNet2DModel takes optional class labels
+        self._cross_attention = getattr(unet, "config", {}).get("cross_attention_dim") is not None
 
     @torch.no_grad()
     def __call__(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None, /) -> Tensor:

@@ -107,7 +107,8 @@ def _load_unet(unet_dir: Path):
     cls = getattr(diffusers, cls_name)
     try:
         # .bin weights go through torch.load(weights_only=True) inside diffusers
-        unet = cls.from_pretrained(unet_dir, use_safetensors=bool(weights), local_files_only=True)
+        unet = cls.from_pretrained(unet_dir, use_safetensors=bool(weights), local_files_only=True,
+                                   low_cpu_mem_usage=False)  # no accelerate needed
     except Exception as e:  # diffusers raises many types for broken folders
         raise ModelLoadError(f"could not load the UNet from '{unet_dir}': {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e

@@ -22,6 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; artifacts should be readable like any file
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -49,3 +51,10 @@ def sha256_dir(path: str | os.PathLike, patterns: tuple[str, ...] = ("*.safetens
         h.update(p.name.encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (str as UTF-8) so readers never see a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)

@@ -44,7 +44,7 @@ def test_class_model_without_null_label_refuses_cfg(tmp_path):
     from saq_deploy.generate import SampleSettings, generate
 
     m = load_model(str(save_unet_folder(tmp_path / "u", tiny_unet2d())))
-    with pytest.raises(ConfigError, match="null class"):
+    with pytest.raises(ConfigError, match="unconditional input"):
         generate(m.eps_model(), m.schedule(), m.sample_shape, SampleSettings(n=2, steps=1, cfg=1.5),
                  num_classes=m.num_classes, null_label=m.null_label)
 

