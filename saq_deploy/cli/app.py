@@ -27,9 +27,10 @@ def _root(
 
 
 def _register() -> None:
-    from saq_deploy.cli import evaluate, info, sample, train
+    from saq_deploy.cli import calibrate, evaluate, info, sample, train
 
     app.command("sample")(sample.sample_cmd)
+    app.command("calibrate")(calibrate.calibrate_cmd)
     app.command("evaluate")(evaluate.evaluate_cmd)
     app.command("models")(info.models_cmd)
     app.command("env")(info.env_cmd)

@@ -1,0 +1,165 @@
+"""Calibration recipes: TOML files in calibration/, validated once, overridable from the CLI.
+
+Schema (every key optional; defaults below)::
+
+    [model]           spec = "builtin:digits"
+    [quant]           bits = "w8a8"            # w8a8 | w4a8 | w4a4
+                      act_timestep_groups = 1   # >1: one activation step per timestep group
+                      weight_block_size = 64    # 4-bit Linear weights: 64 | 128 | 0 (per channel)
+    [calibration]     method = "sa-ptq"        # minmax | percentile | mse | brecq | sa-ptq
+                      sampler = "dpm-solver-2" # dpm-solver-2 | plms | ddim (data collection)
+                      steps = 10, spacing = "quadratic", num_samples = 64, cfg = 1.5, seed = 0
+                      orientation = "outer_to_intermediate"   # or intermediate_to_outer (ablation)
+    [reconstruction]  iters = 300, batch_size = 32, lr_round = 1e-2, lr_act = 4e-5,
+                      round_weight = 0.01, beta_start = 20.0, beta_end = 2.0, warmup = 0.2,
+                      cos_weight = 0.0, max_inputs = 2048
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from saq_deploy.errors import ConfigError
+
+METHODS = ("minmax", "percentile", "mse", "brecq", "sa-ptq", "modelopt-int8")
+RECON_METHODS = ("brecq", "sa-ptq")
+BITS = ("w8a8", "w4a8", "w4a4")
+DATA_SAMPLERS = ("dpm-solver-2", "plms", "ddim")
+ORIENTATIONS = ("outer_to_intermediate", "intermediate_to_outer")
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{what} = {value!r} is not supported; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    spec: str = "builtin:digits"
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    bits: str = "w8a8"
+    act_timestep_groups: int = 1
+    weight_block_size: int = 64  # 4-bit Linear / 1x1 weights: INT4 blocks along the input dim; 0 = per channel
+
+    def __post_init__(self) -> None:
+        _choice(self.bits, BITS, "quant.bits")
+        if self.weight_block_size not in (0, 64, 128):
+            raise ConfigError(f"quant.weight_block_size = {self.weight_block_size!r}: TensorRT INT4 blocks "
+                              "are 64 or 128 (0 = per-channel INT4)")
+        if not isinstance(self.act_timestep_groups, int) or self.act_timestep_groups < 1:
+            raise ConfigError(f"quant.act_timestep_groups must be an integer >= 1, got {self.act_timestep_groups!r}")
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    method: str = "sa-ptq"
+    sampler: str = "dpm-solver-2"
+    steps: int = 10
+    spacing: str = "quadratic"
+    num_samples: int = 64
+    cfg: float = 1.5
+    seed: int = 0
+    orientation: str = "outer_to_intermediate"
+
+    def __post_init__(self) -> None:
+        _choice(self.method, METHODS, "calibration.method")
+        _choice(self.sampler, DATA_SAMPLERS, "calibration.sampler")
+        _choice(self.orientation, ORIENTATIONS, "calibration.orientation")
+        for name in ("steps", "num_samples"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"calibration.{name} must be an integer >= 1, got {v!r}")
+        if self.method == "sa-ptq" and self.sampler == "ddim":
+            raise ConfigError("calibration.method = 'sa-ptq' needs a higher-order data sampler "
+                              "(dpm-solver-2 or plms); 'ddim' gives same-point targets (use brecq)")
+
+
+@dataclass(frozen=True)
+class ReconstructionSection:
+    iters: int = 300
+    batch_size: int = 32
+    lr_round: float = 1e-2
+    lr_act: float = 4e-5
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    cos_weight: float = 0.0
+    max_inputs: int = 2048  # block inputs kept in memory per block (a seeded subset if more)
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size", "max_inputs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"reconstruction.{name} must be an integer >= 1, got {v!r}")
+        for name in ("lr_round", "lr_act", "round_weight", "beta_start", "beta_end", "cos_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"reconstruction.{name} must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"reconstruction.warmup must be in [0, 1), got {self.warmup!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    reconstruction: ReconstructionSection = field(default_factory=ReconstructionSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sections)}")
+        kwargs = {}
+        for name, sec_cls in ((f.name, f.default_factory) for f in dataclasses.fields(cls)):
+            values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"recipe section [{name}] must be a table")
+            known = {f.name for f in dataclasses.fields(sec_cls)}
+            bad = set(values) - known
+            if bad:
+                raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(bad))}; "
+                                  f"known: {', '.join(sorted(known))}")
+            kwargs[name] = sec_cls(**values)
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
+        """``{"calibration.method": "brecq", ...}``: dotted keys, None values ignored."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = key.partition(".")
+            if section not in data or name not in data[section]:
+                raise ConfigError(f"unknown recipe override {key!r}")
+            data[section][name] = value
+        return Recipe.from_dict(data)
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    if path is None:
+        return Recipe()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist (recipes live in calibration/*.toml)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe '{path}' is not valid TOML: {e}") from e
+    return Recipe.from_dict(data)

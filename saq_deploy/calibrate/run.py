@@ -1,0 +1,125 @@
+"""`calibrate(recipe, out_dir)`: sampler trajectories -> fake-quant model -> calibrated artifact.
+
+Work in progress lives in ``.<out>.partial/`` beside the output: the trajectory shards and, for
+reconstruction methods, a checkpoint after every block. Re-running the same recipe after a kill
+resumes at the last finished block and ends bit-identical to an uninterrupted run (CPU): every
+block is trained from its own seed, and the checkpoint holds the exact integer weights and steps.
+The output folder appears only when everything succeeded (atomic rename)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from saq_deploy.calibrate.recipe import RECON_METHODS, Recipe
+from saq_deploy.calibrate.steps import CKPT_INFO
+from saq_deploy.errors import BackendUnavailableError, ConfigError
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def quant_config_for(recipe: Recipe, num_train_timesteps: int):
+    import dataclasses
+
+    from saq_deploy.quant.config import preset
+
+    cfg = preset(recipe.quant.bits)
+    act = dataclasses.replace(cfg.act, timestep_groups=recipe.quant.act_timestep_groups)
+    weight = cfg.weight
+    if weight.bits == 4:  # 4-bit Linear weights: INT4 blocks (TensorRT GEMM rule) or per channel
+        bs = recipe.quant.weight_block_size
+        weight = dataclasses.replace(weight, granularity="block" if bs else "channel", block_size=bs or None)
+    return dataclasses.replace(cfg, weight=weight, act=act, num_train_timesteps=num_train_timesteps)
+
+
+def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
+              max_blocks: int | None = None) -> Path:
+    """Run the recipe and write the artifact to ``out_dir``. ``max_blocks`` stops (with the
+    checkpoint kept) after that many reconstructed blocks: time-boxed runs and resume tests."""
+    from saq_deploy.calibrate.artifact import save_artifact
+    from saq_deploy.models.loading import load_model
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"output '{out_dir}' already exists; pass another -o or delete it")
+    if recipe.calibration.method == "modelopt-int8":
+        raise BackendUnavailableError("method 'modelopt-int8' needs NVIDIA ModelOpt: "
+                                      "pip install 'saq-deploy[modelopt]'")
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    rhash = recipe_hash(recipe)
+    info_path = work / CKPT_INFO
+    if info_path.exists() and json.loads(info_path.read_text()).get("recipe_hash") != rhash:
+        raise ConfigError(f"an unfinished run with a different recipe is in '{work}'; delete it, or "
+                          "re-run with the same recipe to resume")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    loaded = load_model(recipe.model.spec)
+    if loaded.kind != "class":
+        raise ConfigError("calibration currently supports class-conditional or unconditional UNet2DModel "
+                          f"inputs; this model is '{loaded.kind}'")
+    from saq_deploy.calibrate.steps import collect_or_open, run_pipeline
+
+    try:
+        ds = collect_or_open(loaded, recipe, work / "data", progress=progress)
+        result = run_pipeline(loaded, recipe, ds, work, rhash, progress=progress, max_blocks=max_blocks)
+    except BaseException:
+        if not info_path.exists():  # nothing worth resuming: leave no partial folder behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if result is None:  # stopped early on purpose; checkpoint kept for resume
+        return work
+    unet, block_losses, qcfg = result
+    wall = time.perf_counter() - t0
+    manifest = build_manifest(recipe, loaded, ds, qcfg, block_losses, wall)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_artifact(tmp, unet=unet, manifest=manifest, recipe=recipe.to_dict(),
+                  report=render_report(manifest))
+    tmp.rename(out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def build_manifest(recipe: Recipe, loaded, ds, qcfg, block_losses: list[dict], wall: float) -> dict:
+    from saq_deploy.utils.versions import package_versions
+
+    c = recipe.calibration
+    return {
+        "artifact": "saq-deploy-calibrated",
+        "method": c.method, "bits": recipe.quant.bits,
+        "sampler": c.sampler, "steps": c.steps, "spacing": c.spacing, "cfg": c.cfg, "seed": c.seed,
+        "num_samples": c.num_samples, "orientation": c.orientation,
+        "calibrated_for": {"samplers": ["ddim", c.sampler], "steps": c.steps, "spacing": c.spacing},
+        "model": {"spec": recipe.model.spec, "hash": loaded.source_hash},
+        "data": {"manifest": ds.manifest.get("shards") and {k: ds.manifest[k] for k in ("sampler", "steps", "seed")}},
+        "quant_config": qcfg.to_dict(),
+        "block_losses": block_losses,
+        "wall_time_s": round(wall, 2),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "versions": package_versions(),
+    }
+
+
+def render_report(m: dict) -> str:
+    lines = [f"# Calibrated artifact: {m['method']} {m['bits']}", "",
+             f"- model: `{m['model']['spec']}` (sha256 {m['model']['hash'][:12]}…)",
+             (f"- data: {m['sampler']} trajectories, {m['steps']} steps ({m['spacing']}), "
+              f"{m['num_samples']} seeds from {m['seed']}, CFG {m['cfg']}"),
+             f"- calibrated for: {', '.join(m['calibrated_for']['samplers'])} at {m['steps']} steps",
+             f"- wall time: {m['wall_time_s']:.1f} s on {m['machine']}", ""]
+    if m["block_losses"]:
+        lines += ["| block | loss before | loss after |", "|---|---|---|"]
+        lines += [f"| {b['block']} | {b['loss_before']:.4g} | {b['loss_after']:.4g} |" for b in m["block_losses"]]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["RECON_METHODS", "calibrate"]

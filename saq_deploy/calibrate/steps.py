@@ -1,0 +1,174 @@
+"""The calibration pipeline's steps: data, quantize, activation init, block reconstruction."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from saq_deploy.calibrate.recipe import RECON_METHODS, Recipe
+
+CKPT_STATE, CKPT_INFO = "ckpt.safetensors", "ckpt.json"
+
+
+def collect_or_open(loaded, recipe: Recipe, data_dir: Path, *, progress: bool):
+    """Reuse the trajectory shards of an interrupted run, else collect them."""
+    from saq_deploy.calibrate.dataset import TrajectoryDataset
+    from saq_deploy.calibrate.trajectory import collect_trajectories
+
+    if (data_dir / "manifest.json").exists():
+        return TrajectoryDataset(data_dir)
+    c = recipe.calibration
+    pairing = c.orientation if c.method == "sa-ptq" else "outer_to_intermediate"
+    return collect_trajectories(
+        loaded.eps_model(), loaded.schedule(), data_dir, num_samples=c.num_samples, steps=c.steps,
+        seed=c.seed, cfg=c.cfg, num_classes=loaded.num_classes, null_label=loaded.null_label,
+        sample_shape=loaded.sample_shape, sampler=c.sampler, spacing=c.spacing, pairing=pairing,
+        model_hash=loaded.source_hash, progress=progress)
+
+
+class Records:
+    """Student and target UNet inputs (CFG: each record twice, with its label and the null label)."""
+
+    def __init__(self, ds, recipe: Recipe, null_label: int | None):
+        sf, tf = ds.student_fields(), ds.target_fields()
+        s, t = ds.load_fields(sf), ds.load_fields(tf)
+        same_point = recipe.calibration.method != "sa-ptq"  # brecq: FP target at the student point
+        xs, ts = s[sf.x], s[sf.t].float()
+        labels = s[sf.cond] if ds.conditional else None  # unconditional records store label -1
+        xt, tt = (xs, ts) if same_point else (t[tf.x], t[tf.t].float())
+        n = recipe.reconstruction.max_inputs // (2 if null_label is not None and labels is not None else 1)
+        if len(xs) > n:  # seeded subset keeps memory bounded
+            idx = torch.randperm(len(xs), generator=torch.Generator().manual_seed(recipe.calibration.seed))[:n]
+            xs, ts, xt, tt = xs[idx], ts[idx], xt[idx], tt[idx]
+            labels = None if labels is None else labels[idx]
+        if labels is not None and null_label is not None and recipe.calibration.cfg != 1.0:
+            nulls = torch.full_like(labels, null_label)
+            xs, ts, xt, tt = torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([xt, xt]), torch.cat([tt, tt])
+            labels = torch.cat([labels, nulls])
+        self.student = (xs, ts, labels)
+        self.target = (xt, tt, labels)
+
+    @staticmethod
+    def feeds(unet, point, groups: int, T: int, batch: int = 128) -> list[Callable[[], object]]:
+        from saq_deploy.quant.timestep import active_timesteps, timestep_groups
+
+        x, t, labels = point
+
+        def make(sl):
+            def run():
+                with active_timesteps(timestep_groups(t[sl], groups, T)):
+                    return unet(x[sl], t[sl], class_labels=None if labels is None else labels[sl],
+                                return_dict=False)
+            return run
+
+        return [make(slice(i, i + batch)) for i in range(0, len(x), batch)]
+
+
+def _act_method(method: str) -> str:
+    return method if method in ("minmax", "percentile", "mse") else "mse"
+
+
+def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: bool,
+                 max_blocks: int | None):
+    """Quantize ``loaded.unet`` in place and calibrate it. Returns (unet, block losses, config),
+    or None when stopped after ``max_blocks`` (checkpoint kept)."""
+    from saq_deploy.calibrate.run import quant_config_for
+    from saq_deploy.quant.api import quantize_
+    from saq_deploy.quant.observers import init_act_steps
+
+    T = loaded.schedule().num_train_timesteps
+    qcfg = quant_config_for(recipe, T)
+    groups = qcfg.act.timestep_groups
+    fp_unet = copy.deepcopy(loaded.unet).eval()
+    records = Records(ds, recipe, loaded.null_label)
+    ckpt = _read_ckpt(work, rhash)
+    if ckpt is not None:
+        unet = _restore(fp_unet, qcfg, work)
+        done, losses = ckpt["blocks_done"], ckpt["block_losses"]
+    else:
+        unet = loaded.unet
+        quantize_(unet, qcfg)
+        if qcfg.act.enabled:
+            feeds = Records.feeds(unet, records.student, groups, T)
+            init_act_steps(unet, lambda: [f() for f in feeds], method=_act_method(recipe.calibration.method))
+        done, losses = 0, []
+        if recipe.calibration.method in RECON_METHODS:
+            _write_ckpt(work, unet, rhash, 0, [])
+    loaded.unet = unet
+    if recipe.calibration.method in RECON_METHODS:
+        finished = _reconstruct_all(unet, fp_unet, records, recipe, qcfg, work, rhash, done, losses,
+                                    progress=progress, max_blocks=max_blocks)
+        if not finished:
+            return None
+    return unet, losses, qcfg
+
+
+def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work: Path, rhash: str,
+                     done: int, losses: list, *, progress: bool, max_blocks: int | None) -> bool:
+    from rich.progress import Progress
+
+    from saq_deploy.calibrate.blocks import capture, find_blocks
+    from saq_deploy.calibrate.reconstruct import ReconSettings, reconstruct_block
+
+    T, groups, r = qcfg.num_train_timesteps, qcfg.act.timestep_groups, recipe.reconstruction
+    settings = ReconSettings(iters=r.iters, batch_size=r.batch_size, lr_round=r.lr_round, lr_act=r.lr_act,
+                             round_weight=r.round_weight, beta_start=r.beta_start, beta_end=r.beta_end,
+                             warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=groups,
+                             num_train_timesteps=T)
+    one = Records.feeds(unet, tuple(v[:2] if v is not None else None for v in records.student), groups, T)[0]
+    blocks = find_blocks(unet, one)
+    fp_modules = dict(fp_unet.named_modules())
+    new_blocks = 0
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("reconstruct", total=len(blocks), completed=done)
+        for bi in range(done, len(blocks)):
+            if max_blocks is not None and new_blocks >= max_blocks:
+                return False
+            name, block = blocks[bi]
+            inputs = capture(block, Records.feeds(unet, records.student, groups, T), what="input")
+            targets = capture(fp_modules[name], Records.feeds(fp_unet, records.target, groups, T), what="output")
+            bar.update(task, description=f"{name}")
+            res = reconstruct_block(
+                block, inputs, targets, records.student[1], settings, seed=recipe.calibration.seed * 100_003 + bi,
+                on_iter=lambda it, loss, name=name: bar.update(task, description=f"{name} loss {loss:.4g}")
+                if it % 25 == 0 else None)
+            losses.append({"block": name, **res})
+            _write_ckpt(work, unet, rhash, bi + 1, losses)
+            bar.update(task, completed=bi + 1)
+            new_blocks += 1
+    return True
+
+
+def _read_ckpt(work: Path, rhash: str) -> dict | None:
+    info = work / CKPT_INFO
+    if not info.exists() or not (work / CKPT_STATE).exists():
+        return None
+    data = json.loads(info.read_text())
+    return data if data.get("recipe_hash") == rhash else None
+
+
+def _write_ckpt(work: Path, unet, rhash: str, blocks_done: int, losses: list) -> None:
+    from safetensors.torch import save_file
+
+    from saq_deploy.quant.state import quant_layer_specs, quant_state_dict
+    from saq_deploy.utils.io import atomic_path, write_json_atomic
+
+    with atomic_path(work / CKPT_STATE) as tmp:
+        save_file({k: v.contiguous() for k, v in quant_state_dict(unet).items()}, str(tmp))
+    write_json_atomic(work / CKPT_INFO, {"recipe_hash": rhash, "blocks_done": blocks_done,
+                                         "block_losses": losses, "layer_specs": quant_layer_specs(unet)})
+
+
+def _restore(fp_unet, qcfg, work: Path):
+    from safetensors.torch import load_file
+
+    from saq_deploy.quant.state import load_quant_state
+
+    unet = copy.deepcopy(fp_unet)
+    specs = json.loads((work / CKPT_INFO).read_text())["layer_specs"]
+    load_quant_state(unet, qcfg, load_file(str(work / CKPT_STATE)), specs)
+    return unet.eval()

@@ -1,0 +1,127 @@
+"""Calibrated quantization state: integer weights, scales and steps, and the exact rebuild.
+
+After calibration the integer weights are the source of truth: dequant = weight_int * scale. Per
+quantized layer `name` the state holds
+
+- `{name}.weight_int`   int8, the weight's shape (4-bit codes lie in [-8, 7]);
+- `{name}.weight_scale` float32, (out, 1, 1, 1) / (out, 1) per channel, (out, in // block) per block;
+- `{name}.act_step`     float32, (timestep_groups,), only for an initialized activation quantizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saq_deploy.errors import ConfigError
+from saq_deploy.quant.api import _apply, _check_supported
+from saq_deploy.quant.config import LayerSpec, QuantConfig
+from saq_deploy.quant.fake_quant import QuantLayer, quant_layers
+from saq_deploy.quant.quantizer import qrange
+
+
+def _kind(layer: nn.Module) -> str:
+    return "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+
+
+@torch.no_grad()
+def quant_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Integer weights, weight scales and activation steps of every quantized layer (CPU tensors).
+
+    A layer still in AdaRound "soft" mode contributes its current hard decision.
+    """
+    state: dict[str, Tensor] = {}
+    for name, layer in quant_layers(model).items():
+        state[f"{name}.weight_int"] = layer.int_weight().cpu().contiguous()
+        state[f"{name}.weight_scale"] = layer.weight_quant.scale.detach().float().cpu().contiguous().clone()
+        act = layer.act_quant
+        if act is not None and act.initialized:
+            state[f"{name}.act_step"] = act.step.detach().float().cpu().contiguous().clone()
+    return state
+
+
+def quant_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """JSON-able description per quantized layer: kind, weight shape, LayerSpec fields."""
+    return {name: {"kind": _kind(layer), "weight_shape": list(layer.weight.shape), **layer.layer_spec.to_dict()}
+            for name, layer in quant_layers(model).items()}
+
+
+def _plan_from_specs(model: nn.Module, config: QuantConfig,
+                     specs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, nn.Module, LayerSpec]]:
+    plan: list[tuple[str, nn.Module, LayerSpec]] = []
+    for name, raw in specs.items():
+        raw = dict(raw)
+        kind, shape = raw.pop("kind", None), raw.pop("weight_shape", None)
+        spec = LayerSpec.from_dict(raw)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"quantized layer {name!r} is not in this model (wrong architecture?)") from None
+        if isinstance(module, QuantLayer) or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ConfigError(f"layer {name!r} must be an unquantized Conv2d/Linear, got {type(module).__name__}")
+        if kind != _kind(module) or (shape is not None and list(module.weight.shape) != list(shape)):
+            raise ConfigError(f"layer {name!r}: stored {kind} {shape} does not match the model's "
+                              f"{_kind(module)} {list(module.weight.shape)}")
+        expected = config.layer_spec(name, is_linear=isinstance(module, nn.Linear))
+        if expected != spec:
+            raise ConfigError(f"layer {name!r}: stored spec {spec.to_dict()} disagrees with the config's "
+                              f"{expected.to_dict() if expected else 'skip'}")
+        plan.append((name, module, spec))
+    return plan
+
+
+def _get(state: Mapping[str, Tensor], key: str) -> Tensor:
+    if key not in state:
+        raise ConfigError(f"quant state is missing {key!r}")
+    return state[key]
+
+
+def _check_entries(name: str, weight_shape: torch.Size, spec: LayerSpec, state: Mapping[str, Tensor]) -> None:
+    codes, scale = _get(state, f"{name}.weight_int"), _get(state, f"{name}.weight_scale")
+    if tuple(codes.shape) != tuple(weight_shape):
+        raise ConfigError(f"{name}.weight_int has shape {tuple(codes.shape)}, the layer's weight {tuple(weight_shape)}")
+    qmin, qmax = qrange(spec.weight_bits)
+    if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise ConfigError(f"{name}.weight_int has values outside INT{spec.weight_bits} [{qmin}, {qmax}]")
+    out = weight_shape[0]
+    expected = ((out, weight_shape[1] // spec.block_size) if spec.granularity == "block"
+                else (out, *([1] * (len(weight_shape) - 1))))
+    if tuple(scale.shape) != expected or not bool((scale > 0).all()):
+        raise ConfigError(f"{name}.weight_scale must be positive with shape {expected}, got {tuple(scale.shape)}")
+    if spec.act_bits is None and f"{name}.act_step" in state:
+        raise ConfigError(f"layer {name!r} has an act_step but its spec has no activation quantizer")
+    step = state.get(f"{name}.act_step")
+    if step is not None and (step.numel() != spec.act_groups or not bool((step > 0).all())):
+        raise ConfigError(f"{name}.act_step must hold {spec.act_groups} positive steps, got shape {tuple(step.shape)}")
+
+
+@torch.no_grad()
+def load_quant_state(model: nn.Module, config: QuantConfig, state: Mapping[str, Tensor],
+                     specs: Mapping[str, Mapping[str, Any]]) -> dict[str, QuantLayer]:
+    """Quantize a fresh FP `model` in place and install `state`: rebuilds the calibrated model.
+
+    Exactly the layers in `specs` are swapped (so an earlier `filter_fn` needs no repeating); each
+    must agree with `config`. Each weight quantizer gets the stored codes ("hard" mode: dequant =
+    weight_int * scale), so forward outputs equal the calibrated model's bit for bit; the FP
+    weights stay as loaded (needed to resume AdaRound, or to compare with quantization off).
+    """
+    _check_supported(config)
+    layer_names = set(specs)
+    stray = sorted({k.rsplit(".", 1)[0] for k in state} - layer_names)
+    if stray:
+        raise ConfigError(f"quant state has entries for layers without a spec: {stray[:5]}")
+    plan = _plan_from_specs(model, config, specs)
+    for name, module, spec in plan:  # check everything before the first swap
+        _check_entries(name, module.weight.shape, spec, state)
+    layers = _apply(plan, model, "minmax")  # placeholder scales, overwritten below
+    for name, layer in layers.items():
+        layer.weight_quant.scale.copy_(state[f"{name}.weight_scale"])
+        layer.weight_quant.set_codes(state[f"{name}.weight_int"])
+        step_key = f"{name}.act_step"
+        if step_key in state:
+            layer.act_quant.set_step(state[step_key])
+    return layers
+
