@@ -6,11 +6,13 @@ Schema (every key optional; defaults below)::
     [quant]           bits = "w8a8"            # w8a8 | w4a8 | w4a4
                       act_timestep_groups = 1   # >1: one activation step per timestep group
                       weight_block_size = 64    # 4-bit Linear weights: 64 | 128 | 0 (per channel)
+                      act_observer = "auto"     # brecq/sa-ptq initial act steps: auto (minmax for
+                                                # 8-bit acts, mse for 4-bit) | minmax | percentile | mse
     [calibration]     method = "sa-ptq"        # minmax | percentile | mse | brecq | sa-ptq
                       sampler = "dpm-solver-2" # dpm-solver-2 | plms | ddim (data collection)
                       steps = 10, spacing = "quadratic", num_samples = 64, cfg = 1.5, seed = 0
                       orientation = "outer_to_intermediate"   # or intermediate_to_outer (ablation)
-    [reconstruction]  iters = 300, batch_size = 32, lr_round = 1e-2, lr_act = 4e-5,
+    [reconstruction]  iters = 300, batch_size = 32, lr_round = 1e-2, lr_act = 1e-3 (relative),
                       round_weight = 0.01, beta_start = 20.0, beta_end = 2.0, warmup = 0.2,
                       cos_weight = 0.0, max_inputs = 2048
 """
@@ -49,9 +51,11 @@ class QuantSection:
     bits: str = "w8a8"
     act_timestep_groups: int = 1
     weight_block_size: int = 64  # 4-bit Linear / 1x1 weights: INT4 blocks along the input dim; 0 = per channel
+    act_observer: str = "auto"  # reconstruction methods' initial activation steps
 
     def __post_init__(self) -> None:
         _choice(self.bits, BITS, "quant.bits")
+        _choice(self.act_observer, ("auto", "minmax", "percentile", "mse"), "quant.act_observer")
         if self.weight_block_size not in (0, 64, 128):
             raise ConfigError(f"quant.weight_block_size = {self.weight_block_size!r}: TensorRT INT4 blocks "
                               "are 64 or 128 (0 = per-channel INT4)")
@@ -88,7 +92,7 @@ class ReconstructionSection:
     iters: int = 300
     batch_size: int = 32
     lr_round: float = 1e-2
-    lr_act: float = 4e-5
+    lr_act: float = 1e-3  # relative to each activation step's initial value
     round_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0

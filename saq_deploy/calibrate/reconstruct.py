@@ -89,8 +89,10 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
     steps = [layer.act_quant.step for layer in layers
              if layer.act_quant is not None and layer.act_quant.initialized]
     groups = [{"params": alphas, "lr": s.lr_round}]
-    if steps and s.lr_act > 0:
-        groups.append({"params": steps, "lr": s.lr_act})
+    if s.lr_act > 0:
+        # Adam moves a parameter by ~lr per iteration whatever its size, so an absolute lr would
+        # rescale a 0.008 step and a 0.1 step alike: use a rate relative to each step's value
+        groups += [{"params": [st], "lr": s.lr_act * float(st.detach().abs().max())} for st in steps]
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     block.train()

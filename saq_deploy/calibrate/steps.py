@@ -68,8 +68,20 @@ class Records:
         return [make(slice(i, i + batch)) for i in range(0, len(x), batch)]
 
 
-def _act_method(method: str) -> str:
-    return method if method in ("minmax", "percentile", "mse") else "mse"
+def _leaf_types() -> tuple[type, ...]:
+    from saq_deploy.quant.fake_quant import QuantConv2d, QuantLinear
+
+    return (QuantConv2d, QuantLinear)
+
+
+def _act_method(method: str, observer: str, act_bits: int) -> str:
+    """Baselines name their observer; reconstruction methods start from ``observer`` ("auto":
+    minmax for 8-bit activations, whose outliers matter in diffusion UNets; MSE for 4-bit)."""
+    if method in ("minmax", "percentile", "mse"):
+        return method
+    if observer != "auto":
+        return observer
+    return "minmax" if act_bits >= 8 else "mse"
 
 
 def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: bool,
@@ -94,7 +106,8 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
         quantize_(unet, qcfg)
         if qcfg.act.enabled:
             feeds = Records.feeds(unet, records.student, groups, T)
-            init_act_steps(unet, lambda: [f() for f in feeds], method=_act_method(recipe.calibration.method))
+            init_act_steps(unet, lambda: [f() for f in feeds],
+                           method=_act_method(recipe.calibration.method, recipe.quant.act_observer, qcfg.act.bits))
         done, losses = 0, []
         if recipe.calibration.method in RECON_METHODS:
             _write_ckpt(work, unet, rhash, 0, [])
@@ -120,7 +133,10 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
                              warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=groups,
                              num_train_timesteps=T)
     one = Records.feeds(unet, tuple(v[:2] if v is not None else None for v in records.student), groups, T)[0]
-    blocks = find_blocks(unet, one)
+    # stand-alone layers (conv_in, time-embedding MLP, conv_out) keep their nearest rounding and
+    # observer scales: their input is the timestep or the image itself, and the authors' PTQ code
+    # skips the first and last layers too
+    blocks = [(n, b) for n, b in find_blocks(unet, one) if not isinstance(b, tuple(_leaf_types()))]
     fp_modules = dict(fp_unet.named_modules())
     new_blocks = 0
     with Progress(disable=not progress) as bar:

@@ -39,7 +39,7 @@ def test_artifact_contents_and_round_trip(sa_ptq_artifact):
     m = json.loads((out / "manifest.json").read_text())
     assert m["method"] == "sa-ptq" and m["bits"] == "w8a8" and m["sampler"] == "dpm-solver-2"
     assert len(m["model"]["hash"]) == 64 and m["wall_time_s"] > 0
-    assert len(m["block_losses"]) >= 30 and all("loss_after" in b for b in m["block_losses"])
+    assert len(m["block_losses"]) >= 25 and all("loss_after" in b for b in m["block_losses"])
     state = load_file(str(out / "calibrated.safetensors"))
     ints = [v for k, v in state.items() if k.endswith("weight_int")]
     assert ints and all(v.dtype == torch.int8 for v in ints)
