@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality_report import render  # noqa: E402
+from quality_report import render
 
 
 def calibrated(method: str, bits: str, args) -> tuple[Path, float]:

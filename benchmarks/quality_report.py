@@ -68,20 +68,20 @@ def _targets(rows) -> list[str]:
 def render(meta: dict, rows: list[dict]) -> str:
     lines = ["# Calibration quality on builtin:digits", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['versions']['torch']}", "",
-             f"{meta['n']} samples per row (labels cycling 0–9, seeds from {meta['seed']}, disjoint from the "
-             f"calibration seeds), CFG {meta['cfg']}, every sampler on the `{meta['spacing']}` grid; artifacts "
-             f"calibrated on {meta['calib_steps']}-step DPM-Solver-2 trajectories, {meta['iters']} "
-             "reconstruction iterations per block (brecq, sa-ptq).", "",
-             "Columns: digit-FID (lower is better), IS, accuracy of the conditioning label, PSNR of final samples vs "
-             "the FP model with the same sampler, steps and x_T, and (DDIM rows) MSE of the final samples to the "
-             "FP DPM-Solver-2 trajectory with the same N and x_T — the quantity MOTA targets.", "",
+             (f"{meta['n']} samples per row (labels cycling 0–9, seeds from {meta['seed']}, disjoint from the "
+              f"calibration seeds), CFG {meta['cfg']}, every sampler on the `{meta['spacing']}` grid; artifacts "
+              f"calibrated on {meta['calib_steps']}-step DPM-Solver-2 trajectories, {meta['iters']} "
+              "reconstruction iterations per block (brecq, sa-ptq)."), "",
+             ("Columns: digit-FID (lower is better), IS, accuracy of the conditioning label, PSNR of final samples "
+              "vs the FP model with the same sampler, steps and x_T, and (DDIM rows) MSE of the final samples to "
+              "the FP DPM-Solver-2 trajectory with the same N and x_T — the quantity MOTA targets."), "",
              "## Targets", "", *(_targets(rows) or ["- (no rows yet)"]), ""]
     for bits in ["fp32", *sorted({r["bits"] for r in rows if r["bits"] != "fp32"})]:
         sel = [r for r in rows if r["bits"] == bits]
         if not sel:
             continue
-        lines += [f"## {bits.upper()}", "", "| method | sampler | steps | digit-FID | IS | accuracy | PSNR vs FP | "
-                  "MSE to FP DPM-2 | calib s |", "|---|---|---|---|---|---|---|---|---|"]
+        header = "| method | sampler | steps | digit-FID | IS | accuracy | PSNR vs FP | MSE to FP DPM-2 | calib s |"
+        lines += [f"## {bits.upper()}", "", header, "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(sel, key=lambda r: (r["sampler"], r["steps"], r["method"])):
             lines.append(f"| {r['method']} | {r['sampler']} | {r['steps']} | {_fmt(r['digit_fid'], 2)} | "
                          f"{_fmt(r['inception_score'], 2)} | {_fmt(r.get('accuracy'))} | "

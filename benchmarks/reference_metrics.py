@@ -57,11 +57,12 @@ def main(argv: list[str] | None = None) -> None:
             "versions": package_versions(), "cfg": args.cfg, "seed": args.seed, "n": args.n}
     write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
     lines = [f"# builtin:digits, FP32: sample quality (CFG {args.cfg}, {args.n} samples, seed {args.seed})", "",
-             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['versions']['torch']}, "
-             f"diffusers {meta['versions']['diffusers']}", "",
-             "digit-FID: Fréchet distance in the digit classifier's 128-d penultimate feature space against "
-             "all 1,797 real digits (lower is better); IS from its class probabilities (max 10); "
-             "precision/recall: k-NN manifolds, k=3; accuracy: classifier agrees with the conditioning label.",
+             f"Command: `{meta['command']}`  ",
+             (f"Machine: {meta['machine']}; torch {meta['versions']['torch']}, "
+              f"diffusers {meta['versions']['diffusers']}"), "",
+             ("digit-FID: Fréchet distance in the digit classifier's 128-d penultimate feature space against "
+              "all 1,797 real digits (lower is better); IS from its class probabilities (max 10); "
+              "precision/recall: k-NN manifolds, k=3; accuracy: classifier agrees with the conditioning label."),
              "", "| sampler | steps | NFE | digit-FID | IS | precision | recall | accuracy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -30,12 +30,29 @@ def _load_cond_file(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | No
     return cond, None if uncond is None else uncond.float()[:1]
 
 
+def load_for_sampling(model_spec: str, artifact: Path | None):
+    """(LoadedModel, eps model, artifact info): the FP model, or the fake-quant model of a
+    calibrated artifact (which names its own source model)."""
+    from saq_deploy.models.loading import load_model
+
+    if artifact is None:
+        loaded = load_model(model_spec)
+        return loaded, loaded.eps_model(), None
+    from saq_deploy.calibrate.artifact import load_artifact
+
+    q = load_artifact(artifact)
+    info = {"path": str(artifact), "state_sha256": q.manifest["state_sha256"],
+            "method": q.manifest["method"], "bits": q.manifest["bits"]}
+    return q.loaded, q.eps_model(), info
+
+
 def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
-                   cond_file: Path | None = None, progress: bool = False) -> Path:
-    """Load a model, sample ``settings.n`` images, write a grid PNG and ``<output>.json`` manifest."""
+                   cond_file: Path | None = None, artifact: Path | None = None,
+                   progress: bool = False) -> Path:
+    """Sample ``settings.n`` images from a model (or a calibrated artifact's fake-quant model),
+    write a grid PNG and ``<output>.json`` manifest."""
     from rich.progress import Progress
 
-    from saq_deploy.models.loading import load_model
     from saq_deploy.utils.images import save_grid
     from saq_deploy.utils.io import write_json_atomic
     from saq_deploy.utils.versions import package_versions
@@ -45,7 +62,7 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     if output.suffix.lower() != ".png":
         raise ConfigError(f"--output must end in .png, got '{output}'")
     torch.manual_seed(settings.seed)
-    loaded = load_model(model_spec)
+    loaded, eps_model, art = load_for_sampling(model_spec, artifact)
     cond, null = None, loaded.null_label
     if loaded.kind == "text":
         if cond_file is None:
@@ -55,7 +72,7 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
         images, labels = generate(
-            loaded.eps_model(), loaded.schedule(), loaded.sample_shape, settings,
+            eps_model, loaded.schedule(), loaded.sample_shape, settings,
             num_classes=loaded.num_classes, null_label=null, cond=cond,
             on_batch=lambda done: bar.update(task, completed=done),
         )
@@ -66,6 +83,7 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
         "artifact": "sample-grid",
         "model": loaded.name,
         "model_hash": loaded.source_hash,
+        "calibrated_artifact": art,
         "settings": settings.to_dict(),
         "labels": None if labels is None else labels.tolist(),
         "wall_time_s": round(wall, 3),
@@ -74,7 +92,8 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     return output
 
 
-def evaluate_model(model_spec: str, settings: SampleSettings, *, progress: bool = False) -> dict:
+def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path | None = None,
+                   progress: bool = False) -> dict:
     """Sample ``settings.n`` digits and compute digit-FID, IS, precision/recall and accuracy.
 
     Digit metrics need 1x16x16 samples in [-1, 1] (builtin:digits or a model like it); for other
@@ -82,10 +101,9 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, progress: bool 
     from rich.progress import Progress
 
     from saq_deploy.eval.metrics import evaluate_samples
-    from saq_deploy.models.loading import load_model
 
     validate_settings(settings)
-    loaded = load_model(model_spec)
+    loaded, eps_model, art = load_for_sampling(model_spec, artifact)
     if loaded.sample_shape != (1, 16, 16) or loaded.kind != "class":
         raise ConfigError("digit metrics need a class-conditional model with 1x16x16 samples "
                           f"(this one: {loaded.kind}, {loaded.sample_shape}); use saq_deploy.eval.fid "
@@ -93,10 +111,10 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, progress: bool 
     t0 = time.perf_counter()
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
-        images, labels = generate(loaded.eps_model(), loaded.schedule(), loaded.sample_shape, settings,
+        images, labels = generate(eps_model, loaded.schedule(), loaded.sample_shape, settings,
                                   num_classes=loaded.num_classes, null_label=loaded.null_label,
                                   on_batch=lambda done: bar.update(task, completed=done))
     sample_s = time.perf_counter() - t0
     metrics = evaluate_samples(images, labels)
-    return {"model": loaded.name, "model_hash": loaded.source_hash, "settings": settings.to_dict(),
+    return {"model": loaded.name, "model_hash": loaded.source_hash, "calibrated_artifact": art, "settings": settings.to_dict(),
             "metrics": metrics, "sampling_wall_time_s": round(sample_s, 2)}

@@ -17,7 +17,7 @@ def _has_tensorrt() -> bool:
         return False
     try:
         import tensorrt  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a broken install fails in many ways; either way: no TensorRT
         return False
     return True
 

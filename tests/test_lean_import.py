@@ -15,11 +15,11 @@ HEAVY = ("onnxruntime", "tensorrt", "modelopt", "polygraphy")
 def test_no_heavy_imports(module):
     code = (f"import sys, {module}; bad = [m for m in {HEAVY!r} if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"{module} imported {proc.stdout.strip()} {proc.stderr[-500:]}"
 
 
 def test_package_import_is_light():
     code = "import sys, saq_deploy; print('diffusers' in sys.modules, 'onnx' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.stdout.split() == ["False", "False"]

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from saq_deploy.cli.options import CfgOpt, ModelOpt, SamplerName, SamplerOpt, SeedOpt, SpacingOpt, StepsOpt
+from saq_deploy.cli.options import (
+    ArtifactOpt,
+    CfgOpt,
+    ModelOpt,
+    SamplerName,
+    SamplerOpt,
+    SeedOpt,
+    SpacingOpt,
+    StepsOpt,
+)
 
 
 def evaluate_cmd(
@@ -19,6 +28,7 @@ def evaluate_cmd(
     seed: SeedOpt = 0,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples (labels cycle 0..9).")] = 1000,
     spacing: SpacingOpt = None,
+    artifact: ArtifactOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per model call batch.")] = 250,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the result as JSON.")] = None,
 ) -> None:
@@ -29,7 +39,7 @@ def evaluate_cmd(
 
     settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
                               spacing=spacing.value if spacing else None, batch_size=batch_size)
-    result = evaluate_model(model, settings, progress=True)
+    result = evaluate_model(model, settings, artifact=artifact, progress=True)
     if output is not None:
         write_json_atomic(output, result)
     m = result["metrics"]

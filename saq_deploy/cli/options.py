@@ -33,3 +33,4 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the initial noise
 NumOpt = Annotated[int, typer.Option("--num-samples", "-n", help="Number of samples.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
 SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", help="Timestep spacing (default: the sampler's diffusers default).", case_sensitive=False)]
+ArtifactOpt = Annotated[Path | None, typer.Option("--artifact", "-a", help="Calibrated artifact folder: sample its fake-quant model (overrides --model).")]

@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from saq_deploy.cli.options import CfgOpt, ModelOpt, NumOpt, OutputOpt, SamplerName, SamplerOpt, SeedOpt, SpacingOpt, StepsOpt
+from saq_deploy.cli.options import (
+    ArtifactOpt,
+    CfgOpt,
+    ModelOpt,
+    NumOpt,
+    OutputOpt,
+    SamplerName,
+    SamplerOpt,
+    SeedOpt,
+    SpacingOpt,
+    StepsOpt,
+)
 
 
 def sample_cmd(
@@ -19,6 +30,7 @@ def sample_cmd(
     num_samples: NumOpt = 64,
     label: Annotated[int | None, typer.Option("--label", help="Class label for every sample (default: cycle through classes).")] = None,
     spacing: SpacingOpt = None,
+    artifact: ArtifactOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per model call batch.")] = 64,
     cond_file: Annotated[Path | None, typer.Option("--cond-file", help="Cross-attention UNets: safetensors with 'cond' (1|N, L, D) and optional 'uncond' embeddings.")] = None,
     output: OutputOpt = Path("grid.png"),
@@ -29,5 +41,5 @@ def sample_cmd(
 
     settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
                               label=label, spacing=spacing.value if spacing else None, batch_size=batch_size)
-    out = sample_to_file(model, settings, output, cond_file=cond_file, progress=True)
+    out = sample_to_file(model, settings, output, cond_file=cond_file, artifact=artifact, progress=True)
     typer.echo(f"wrote {out} ({num_samples} samples, {sampler.value}, {steps} steps, cfg {cfg})")

@@ -60,7 +60,7 @@ def test_folder_without_config(capsys, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "saq_deploy.cli.app", "--debug", "sample", "--model", "builtin:nope",
-         "-o", str(tmp_path / "g.png")], capture_output=True, text=True)
+         "-o", str(tmp_path / "g.png")], capture_output=True, text=True, check=False)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 

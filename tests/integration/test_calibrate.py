@@ -137,3 +137,14 @@ def test_cli_minmax_w8a8(tmp_path, capsys):
               "--steps", "3", "-o", str(out)])
     assert exc.value.code == 0, capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text())["method"] == "minmax"
+
+
+@pytest.mark.slow
+def test_sample_from_artifact(sa_ptq_artifact, tmp_path, capsys):
+    out = tmp_path / "q.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--artifact", str(sa_ptq_artifact), "--sampler", "ddim", "--steps", "3", "-n", "4",
+              "-o", str(out)])
+    assert exc.value.code == 0
+    info = json.loads(out.with_suffix(".json").read_text())["calibrated_artifact"]
+    assert info["method"] == "sa-ptq" and len(info["state_sha256"]) == 64

@@ -1,0 +1,35 @@
+"""Every committed recipe parses and validates; names follow <model>_<bits>_<method>.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from saq_deploy.calibrate.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "calibration").glob("*.toml"))
+TEMPLATES = sorted((ROOT / "calibration" / "templates").glob("*.toml"))
+
+
+def test_all_bits_and_methods_present():
+    names = {p.stem for p in RECIPES}
+    for bits in ("w8a8", "w4a8", "w4a4"):
+        for method in ("sa-ptq", "brecq", "minmax"):
+            assert f"digits_{bits}_{method}" in names
+
+
+@pytest.mark.parametrize("path", RECIPES + TEMPLATES, ids=lambda p: p.name)
+def test_recipe_valid(path):
+    r = load_recipe(path)
+    assert isinstance(r, Recipe)
+    if path in RECIPES:
+        _, bits, method = path.stem.split("_")
+        assert (r.quant.bits, r.calibration.method) == (bits, method)
+
+
+def test_overrides_and_roundtrip():
+    r = Recipe().with_overrides({"quant.bits": "w4a8", "reconstruction.iters": 7, "calibration.seed": None})
+    assert r.quant.bits == "w4a8" and r.reconstruction.iters == 7 and r.calibration.seed == 0
+    assert Recipe.from_dict(r.to_dict()) == r
