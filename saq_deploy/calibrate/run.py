@@ -37,6 +37,8 @@ def quant_config_for(recipe: Recipe, num_train_timesteps: int):
     if weight.bits == 4:  # 4-bit Linear weights: INT4 blocks (TensorRT GEMM rule) or per channel
         bs = recipe.quant.weight_block_size
         weight = dataclasses.replace(weight, granularity="block" if bs else "channel", block_size=bs or None)
+    if recipe.calibration.method == "modelopt-int8":  # ModelOpt's "max" weight scales
+        weight = dataclasses.replace(weight, scale_method="minmax")
     return dataclasses.replace(cfg, weight=weight, act=act, num_train_timesteps=num_train_timesteps)
 
 
@@ -51,8 +53,12 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     if out_dir.exists():
         raise ConfigError(f"output '{out_dir}' already exists; pass another -o or delete it")
     if recipe.calibration.method == "modelopt-int8":
-        raise BackendUnavailableError("method 'modelopt-int8' needs NVIDIA ModelOpt: "
-                                      "pip install 'saq-deploy[modelopt]'")
+        from saq_deploy.calibrate.modelopt_baseline import INSTALL_HINT, modelopt_available
+
+        if not modelopt_available():
+            raise BackendUnavailableError(f"method 'modelopt-int8' needs NVIDIA ModelOpt: {INSTALL_HINT}")
+        if recipe.quant.bits != "w8a8":
+            raise ConfigError("modelopt-int8 is an INT8 baseline: use --bits w8a8")
     work = out_dir.parent / f".{out_dir.name}.partial"
     rhash = recipe_hash(recipe)
     info_path = work / CKPT_INFO

@@ -104,7 +104,11 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
     else:
         unet = loaded.unet
         quantize_(unet, qcfg)
-        if qcfg.act.enabled:
+        if recipe.calibration.method == "modelopt-int8":  # ModelOpt's amaxes, no reconstruction
+            from saq_deploy.calibrate.modelopt_baseline import apply_modelopt_int8
+
+            apply_modelopt_int8(unet, qcfg, lambda m: [f() for f in Records.feeds(m, records.student, groups, T)])
+        elif qcfg.act.enabled:
             feeds = Records.feeds(unet, records.student, groups, T)
             init_act_steps(unet, lambda: [f() for f in feeds],
                            method=_act_method(recipe.calibration.method, recipe.quant.act_observer, qcfg.act.bits))
