@@ -35,7 +35,8 @@ def calibrated(method: str, bits: str, args) -> tuple[Path, float]:
     from saq_deploy.calibrate.run import calibrate
 
     out = ROOT / "runs/quality" / f"{bits}-{method}-s{args.calib_steps}-i{args.iters}"
-    recipe_file = ROOT / "calibration" / f"digits_{bits}_{'minmax' if method in ('percentile', 'mse') else method}.toml"
+    base = method if method in ("brecq", "sa-ptq") else "minmax"  # observer-only methods share a recipe
+    recipe_file = ROOT / "calibration" / f"digits_{bits}_{base}.toml"
     recipe = load_recipe(recipe_file).with_overrides({
         "calibration.method": method, "calibration.steps": args.calib_steps,
         "calibration.spacing": args.spacing, "reconstruction.iters": args.iters})
@@ -78,12 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=1000)  # seeds disjoint from calibration (seed 0..63)
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/quality")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing table (e.g. another method)")
     args = ap.parse_args(argv)
     samplers, steps_list = args.samplers.split(","), [int(s) for s in args.steps.split(",")]
     meta = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",
             "versions": package_versions(), **{k: v for k, v in vars(args).items() if k != "out"}}
     rows: list[dict] = []
+    if args.append and args.out.with_suffix(".json").exists():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        new = {(m, b) for m in args.methods.split(",") for b in args.bits.split(",")}
+        rows = [r for r in old["rows"] if (r["method"], r["bits"]) not in new]
+        meta = {**old["meta"], "appended": [*old["meta"].get("appended", []), meta["command"]]}
     fp_model = load_model("builtin:digits")
     fp_eps = fp_model.eps_model()
     fp_final: dict[tuple[str, int], torch.Tensor] = {}
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
             fp_final[(sampler, steps)], labels = run_samples(fp_eps, fp_model, sampler, steps, args)
     for sampler in samplers:
         for steps in steps_list:
+            if any(r["method"] == "fp32" and r["sampler"] == sampler and r["steps"] == steps for r in rows):
+                continue
             x = fp_final[(sampler, steps)]
             row = {"method": "fp32", "bits": "fp32", "sampler": sampler, "steps": steps,
                    **evaluate_samples(x, labels), "psnr_vs_fp": float("inf"),

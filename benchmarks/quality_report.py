@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-BASELINES = ("minmax", "percentile", "mse", "brecq")
+BASELINES = ("minmax", "percentile", "mse", "brecq", "modelopt-int8")
 
 
 def _fmt(v, nd=3) -> str:
@@ -67,7 +67,9 @@ def _targets(rows) -> list[str]:
 
 def render(meta: dict, rows: list[dict]) -> str:
     lines = ["# Calibration quality on builtin:digits", "",
-             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['versions']['torch']}", "",
+             f"Command: `{meta['command']}`  ",
+             *[f"Appended: `{c}`  " for c in meta.get("appended", [])],
+             f"Machine: {meta['machine']}; torch {meta['versions']['torch']}", "",
              (f"{meta['n']} samples per row (labels cycling 0–9, seeds from {meta['seed']}, disjoint from the "
               f"calibration seeds), CFG {meta['cfg']}, every sampler on the `{meta['spacing']}` grid; artifacts "
               f"calibrated on {meta['calib_steps']}-step DPM-Solver-2 trajectories, {meta['iters']} "

@@ -82,7 +82,12 @@ def fake_quant(x: Tensor, scale: Tensor, bits: int, grad_factor: float | None = 
     """
     qmin, qmax = qrange(bits)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
-        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+        # same ops in the same order, in place on one buffer: ~2x faster sampling on CPU, where
+        # four full-size temporaries per layer dominated the fake-quant cost
+        q = torch.div(x, scale)
+        return q.round_().clamp_(qmin, qmax).mul_(scale)
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x.numel(), bits)
     return _FakeQuantLSQ.apply(x, scale, qmin, qmax, grad_factor)

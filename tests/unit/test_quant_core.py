@@ -255,3 +255,16 @@ def test_observer_groups_minmax_and_bounded_reservoir():
     mm = ActObserver(8, groups=2)
     mm.observe(x, torch.tensor([0, 1, 0]))
     assert torch.allclose(mm.compute_steps(), torch.tensor([5.0, 1.0]) / 127)
+
+
+def test_inference_fake_quant_is_bit_identical_to_reference_formula():
+    from saq_deploy.quant.quantizer import fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 5, 5, generator=g) * 3
+    for scale, bits in [(torch.tensor(0.0123), 8), (torch.rand(16, 1, 1, 1, generator=g) * 0.1 + 0.01, 4)]:
+        qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
+        ref = torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+        with torch.no_grad():
+            assert torch.equal(fake_quant(x, scale, bits), ref)
+        assert torch.equal(x, x.clone())  # the input is never modified in place
