@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1000)  # seeds disjoint from calibration (seed 0..63)
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/quality")
     ap.add_argument("--append", action="store_true", help="add rows to an existing table (e.g. another method)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args(argv)
+    if args.render_only:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(render(data["meta"], data["rows"]))
+        return
     samplers, steps_list = args.samplers.split(","), [int(s) for s in args.steps.split(",")]
     meta = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",

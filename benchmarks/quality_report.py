@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+FINDINGS = Path(__file__).with_name("quality_findings.md")  # hand-written analysis of the figures
+
 BASELINES = ("minmax", "percentile", "mse", "brecq", "modelopt-int8")
 
 
@@ -78,6 +82,8 @@ def render(meta: dict, rows: list[dict]) -> str:
               "vs the FP model with the same sampler, steps and x_T, and (DDIM rows) MSE of the final samples to "
               "the FP DPM-Solver-2 trajectory with the same N and x_T — the quantity MOTA targets."), "",
              "## Targets", "", *(_targets(rows) or ["- (no rows yet)"]), ""]
+    if FINDINGS.exists():
+        lines += [FINDINGS.read_text().strip(), ""]
     for bits in ["fp32", *sorted({r["bits"] for r in rows if r["bits"] != "fp32"})]:
         sel = [r for r in rows if r["bits"] == bits]
         if not sel:
