@@ -8,6 +8,7 @@ Schema (every key optional; defaults below)::
                       weight_block_size = 64    # 4-bit Linear weights: 64 | 128 | 0 (per channel)
                       act_observer = "auto"     # brecq/sa-ptq initial act steps: auto (minmax for
                                                 # 8-bit acts, mse for 4-bit) | minmax | percentile | mse
+                      attention_matmul = false  # also quantize attention matmul inputs (q, k, v, probs)
     [calibration]     method = "sa-ptq"        # minmax | percentile | mse | brecq | sa-ptq
                       sampler = "dpm-solver-2" # dpm-solver-2 | plms | ddim (data collection)
                       steps = 10, spacing = "quadratic", num_samples = 64, cfg = 1.5, seed = 0
@@ -52,10 +53,13 @@ class QuantSection:
     act_timestep_groups: int = 1
     weight_block_size: int = 64  # 4-bit Linear / 1x1 weights: INT4 blocks along the input dim; 0 = per channel
     act_observer: str = "auto"  # reconstruction methods' initial activation steps
+    attention_matmul: bool = False  # also fake-quantize q, k, v and softmax probs (research; off like NVIDIA's INT8)
 
     def __post_init__(self) -> None:
         _choice(self.bits, BITS, "quant.bits")
         _choice(self.act_observer, ("auto", "minmax", "percentile", "mse"), "quant.act_observer")
+        if not isinstance(self.attention_matmul, bool):
+            raise ConfigError(f"quant.attention_matmul must be true or false, got {self.attention_matmul!r}")
         if self.weight_block_size not in (0, 64, 128):
             raise ConfigError(f"quant.weight_block_size = {self.weight_block_size!r}: TensorRT INT4 blocks "
                               "are 64 or 128 (0 = per-channel INT4)")

@@ -39,7 +39,8 @@ def quant_config_for(recipe: Recipe, num_train_timesteps: int):
         weight = dataclasses.replace(weight, granularity="block" if bs else "channel", block_size=bs or None)
     if recipe.calibration.method == "modelopt-int8":  # ModelOpt's "max" weight scales
         weight = dataclasses.replace(weight, scale_method="minmax")
-    return dataclasses.replace(cfg, weight=weight, act=act, num_train_timesteps=num_train_timesteps)
+    return dataclasses.replace(cfg, weight=weight, act=act, num_train_timesteps=num_train_timesteps,
+                               attention_matmul=recipe.quant.attention_matmul)
 
 
 def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,

@@ -10,6 +10,7 @@ This package imports torch only: no samplers, calibration, export or runtimes.
 """
 
 from saq_deploy.quant.api import quantize_
+from saq_deploy.quant.attention import QuantAttnProcessor
 from saq_deploy.quant.config import (
     DEFAULT_KEEP_8BIT,
     ActSpec,
@@ -46,6 +47,7 @@ __all__ = [
     "ActQuantizer",
     "ActSpec",
     "LayerSpec",
+    "QuantAttnProcessor",
     "QuantConfig",
     "QuantConv2d",
     "QuantLayer",

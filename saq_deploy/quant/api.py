@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from saq_deploy.errors import ConfigError
+from saq_deploy.quant.attention import quantize_attention_
 from saq_deploy.quant.config import LayerSpec, QuantConfig
 from saq_deploy.quant.fake_quant import QuantConv2d, QuantLayer, QuantLinear, compute_weight_scale
 
@@ -59,9 +60,9 @@ def _apply(plan: list[tuple[str, nn.Module, LayerSpec]], model: nn.Module,
 
 
 def _check_supported(config: QuantConfig) -> None:
-    if config.attention_matmul:
-        raise ConfigError("attention_matmul=True is not supported yet: only Conv2d and Linear are quantized "
-                          "(NVIDIA's INT8 recipes also leave attention BMMs unquantized)")
+    # The matmul quantizers are activation quantizers: with act quant off there is nothing to calibrate.
+    if config.attention_matmul and not config.act.enabled:
+        raise ConfigError("attention_matmul=True needs activation quantization (act.enabled=True)")
 
 
 def quantize_(model: nn.Module, config: QuantConfig, *, filter_fn: FilterFn | None = None) -> dict[str, QuantLayer]:
@@ -71,8 +72,13 @@ def quantize_(model: nn.Module, config: QuantConfig, *, filter_fn: FilterFn | No
     returning False leaves a layer alone. Weight scales are computed here; activation steps stay
     uninitialized (pass-through) until `init_act_steps` or a calibration sets them. All checks run
     before the first swap, so a ConfigError leaves the model untouched. Returns the new layers by name.
+
+    With `config.attention_matmul`, every diffusers Attention module not matched by `config.skip`
+    (`filter_fn` does not apply) also gets q/k/v/probs matmul quantizers (see `quant.attention`).
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     _check_supported(config)
-    return _apply(_plan(model, config, filter_fn), model, None)
+    layers = _apply(_plan(model, config, filter_fn), model, None)
+    quantize_attention_(model, config)
+    return layers

@@ -9,6 +9,11 @@ whatever the main spec says. Every other Conv2d/Linear gets the main spec.
 Granularity: `WeightSpec.granularity` applies to Linear layers only. Convolutions (1x1 included)
 are always per-output-channel, because TensorRT runs INT4 only in front of GEMMs; a W4 conv's
 codes lie in [-8, 7] and are exported as INT8 values.
+
+`attention_matmul` (off by default, as in NVIDIA's INT8 recipes) also fake-quantizes the inputs
+of the attention matmuls (q, k, v and the softmax probabilities; per tensor, `act.bits`, one step
+per timestep group) in every diffusers Attention module not matched by `skip`; it needs
+activation quantization enabled.
 """
 
 from __future__ import annotations

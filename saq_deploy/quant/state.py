@@ -6,6 +6,10 @@ quantized layer `name` the state holds
 - `{name}.weight_int`   int8, the weight's shape (4-bit codes lie in [-8, 7]);
 - `{name}.weight_scale` float32, (out, 1, 1, 1) / (out, 1) per channel, (out, in // block) per block;
 - `{name}.act_step`     float32, (timestep_groups,), only for an initialized activation quantizer.
+
+With `attention_matmul`, per quantized diffusers Attention module `attn` the state also holds
+`{attn}.{q,k,v,p}_quant.act_step` (initialized quantizers only) and the specs an entry
+`{attn}: {"kind": "attention", "act_bits", "act_groups"}`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from torch import Tensor, nn
 
 from saq_deploy.errors import ConfigError
 from saq_deploy.quant.api import _apply, _check_supported
+from saq_deploy.quant.attention import (
+    ATTN_QUANTIZERS,
+    attention_quant_modules,
+    has_attention_quant,
+    install_attention_quant,
+    planned_attention,
+)
 from saq_deploy.quant.config import LayerSpec, QuantConfig
 from saq_deploy.quant.fake_quant import QuantLayer, quant_layers
 from saq_deploy.quant.quantizer import qrange
@@ -40,13 +51,52 @@ def quant_state_dict(model: nn.Module) -> dict[str, Tensor]:
         act = layer.act_quant
         if act is not None and act.initialized:
             state[f"{name}.act_step"] = act.step.detach().float().cpu().contiguous().clone()
+    for name, attn in attention_quant_modules(model).items():
+        for qn in ATTN_QUANTIZERS:
+            act = getattr(attn, qn)
+            if act.initialized:
+                state[f"{name}.{qn}.act_step"] = act.step.detach().float().cpu().contiguous().clone()
     return state
 
 
 def quant_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """JSON-able description per quantized layer: kind, weight shape, LayerSpec fields."""
-    return {name: {"kind": _kind(layer), "weight_shape": list(layer.weight.shape), **layer.layer_spec.to_dict()}
-            for name, layer in quant_layers(model).items()}
+    specs: dict[str, dict[str, Any]] = {
+        name: {"kind": _kind(layer), "weight_shape": list(layer.weight.shape), **layer.layer_spec.to_dict()}
+        for name, layer in quant_layers(model).items()}
+    for name, attn in attention_quant_modules(model).items():
+        specs[name] = {"kind": "attention", "act_bits": attn.q_quant.bits, "act_groups": attn.q_quant.groups}
+    return specs
+
+
+def _check_attention(model: nn.Module, config: QuantConfig, specs: Mapping[str, Mapping[str, Any]],
+                     state: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+    """The Attention modules to re-quantize; the stored specs must match what `config` selects."""
+    planned = planned_attention(model, config)
+    if set(specs) != set(planned):
+        missing, extra = sorted(set(planned) - set(specs)), sorted(set(specs) - set(planned))
+        raise ConfigError(f"attention matmul specs disagree with the config (attention_matmul="
+                          f"{config.attention_matmul}, skip={list(config.skip)}): missing {missing[:5]}, "
+                          f"unexpected {extra[:5]}")
+    for name, raw in specs.items():
+        if has_attention_quant(planned[name]):
+            raise ConfigError(f"attention {name!r} already has matmul quantizers: load into a fresh model")
+        expected = {"kind": "attention", "act_bits": config.act.bits, "act_groups": config.act.timestep_groups}
+        if dict(raw) != expected:
+            raise ConfigError(f"attention {name!r}: stored spec {dict(raw)} disagrees with the config's {expected}")
+        for qn in ATTN_QUANTIZERS:
+            step = state.get(f"{name}.{qn}.act_step")
+            if step is not None and (step.numel() != config.act.timestep_groups or not bool((step > 0).all())):
+                raise ConfigError(f"{name}.{qn}.act_step must hold {config.act.timestep_groups} positive steps, "
+                                  f"got shape {tuple(step.shape)}")
+    return planned
+
+
+def _owner(key: str, attn_names: set[str]) -> str:
+    """The spec name a state key belongs to (`{attn}.q_quant.act_step` belongs to `{attn}`)."""
+    owner, _, _ = key.rpartition(".")
+    head, _, quantizer = owner.rpartition(".")
+    return head if quantizer in ATTN_QUANTIZERS and head in attn_names else owner
 
 
 def _plan_from_specs(model: nn.Module, config: QuantConfig,
@@ -107,15 +157,24 @@ def load_quant_state(model: nn.Module, config: QuantConfig, state: Mapping[str, 
     must agree with `config`. Each weight quantizer gets the stored codes ("hard" mode: dequant =
     weight_int * scale), so forward outputs equal the calibrated model's bit for bit; the FP
     weights stay as loaded (needed to resume AdaRound, or to compare with quantization off).
+    With `config.attention_matmul` the Attention modules' matmul quantizers and processors are
+    re-installed with their stored steps.
     """
     _check_supported(config)
-    layer_names = set(specs)
-    stray = sorted({k.rsplit(".", 1)[0] for k in state} - layer_names)
+    attn_specs = {n: s for n, s in specs.items() if s.get("kind") == "attention"}
+    layer_specs = {n: s for n, s in specs.items() if n not in attn_specs}
+    stray = sorted({_owner(k, set(attn_specs)) for k in state} - set(specs))
     if stray:
         raise ConfigError(f"quant state has entries for layers without a spec: {stray[:5]}")
-    plan = _plan_from_specs(model, config, specs)
+    plan = _plan_from_specs(model, config, layer_specs)
     for name, module, spec in plan:  # check everything before the first swap
         _check_entries(name, module.weight.shape, spec, state)
+    attention = _check_attention(model, config, attn_specs, state)
+    for name, attn in attention.items():
+        quantizers = install_attention_quant(attn, config.act.bits, config.act.timestep_groups)
+        for qn, q in quantizers.items():
+            if f"{name}.{qn}.act_step" in state:
+                q.set_step(state[f"{name}.{qn}.act_step"])
     layers = _apply(plan, model, "minmax")  # placeholder scales, overwritten below
     for name, layer in layers.items():
         layer.weight_quant.scale.copy_(state[f"{name}.weight_scale"])

@@ -148,3 +148,14 @@ def test_sample_from_artifact(sa_ptq_artifact, tmp_path, capsys):
     assert exc.value.code == 0
     info = json.loads(out.with_suffix(".json").read_text())["calibrated_artifact"]
     assert info["method"] == "sa-ptq" and len(info["state_sha256"]) == 64
+
+
+def test_attention_matmul_option_end_to_end(tmp_path):
+    out = tmp_path / "attn"
+    calibrate(tiny(method="minmax", **{"quant.attention_matmul": True}), out)
+    state = load_file(str(out / "calibrated.safetensors"))
+    attn_steps = [k for k in state if ".q_quant." in k or ".p_quant." in k]
+    assert attn_steps and all(state[k].item() > 0 for k in attn_steps)
+    q = load_artifact(out)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([500.0, 50.0]), torch.tensor([3, 10])
+    assert torch.equal(q.eps_model()(x, t, y), load_artifact(out).eps_model()(x, t, y))

@@ -131,7 +131,7 @@ def test_tinynet_filter_and_keep_8bit():
 
 @pytest.mark.parametrize("cfg,match", [
     (QuantConfig(weight=W4_BLOCK), r"'fc'.*96"),
-    (QuantConfig(attention_matmul=True), "not supported yet"),
+    (QuantConfig(attention_matmul=True, act=ActSpec(enabled=False)), "needs activation quantization"),
 ])
 def test_quantize_config_errors_leave_model_untouched(cfg, match):
     model = TinyNet(fc_in=96)
