@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                     x, _ = run_samples(q_eps, q.loaded, sampler, steps, args)
                     ref = fp_final[(sampler, steps)]
                     met = evaluate_samples(x, labels, reference_images=ref)
+                    met["psnr_vs_fp"] = met.pop("psnr")
                     row = {"method": method, "bits": bits, "sampler": sampler, "steps": steps,
-                           **met, "psnr_vs_fp": met.pop("psnr"), "calib_s": round(calib_s, 1)}
+                           **met, "calib_s": round(calib_s, 1)}
                     if sampler == "ddim":
                         row["mse_to_fp_dpm2"] = mse(x, fp_final[("dpm-solver-2", steps)])
                     rows.append(row)

@@ -34,9 +34,8 @@ def _block_types() -> tuple[type, ...]:
 
 
 def _is_leaf_layer(m: nn.Module) -> bool:
-    from saq_deploy.quant.fake_quant import QuantConv2d, QuantLinear
-
-    return isinstance(m, (nn.Conv2d, nn.Linear, QuantConv2d, QuantLinear))
+    # QuantConv2d / QuantLinear subclass these, so FP and fake-quant layers both match
+    return isinstance(m, (nn.Conv2d, nn.Linear))
 
 
 def find_blocks(unet: nn.Module, run_once: Callable[[], Any]) -> list[tuple[str, nn.Module]]:
@@ -48,8 +47,6 @@ def find_blocks(unet: nn.Module, run_once: Callable[[], Any]) -> list[tuple[str,
              if not any(n.startswith(o + ".") for o in candidates if o != n)}
     leaves = {n: m for n, m in unet.named_modules() if n and _is_leaf_layer(m)
               and not any(n.startswith(o + ".") for o in outer)}
-    # a quant wrapper holds its FP layer as a child: keep the wrapper only
-    leaves = {n: m for n, m in leaves.items() if not any(n.startswith(o + ".") for o in leaves if o != n)}
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
              for n, m in {**outer, **leaves}.items()]
