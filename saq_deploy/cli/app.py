@@ -27,7 +27,7 @@ def _root(
 
 
 def _register() -> None:
-    from saq_deploy.cli import calibrate, evaluate, info, sample, train
+    from saq_deploy.cli import calibrate, evaluate, info, lint, sample, train
 
     app.command("sample")(sample.sample_cmd)
     app.command("calibrate")(calibrate.calibrate_cmd)
@@ -36,6 +36,7 @@ def _register() -> None:
     app.command("env")(info.env_cmd)
     app.command("train-reference")(train.train_reference_cmd)
     app.command("train-classifier")(train.train_classifier_cmd)
+    app.command("lint")(lint.lint_cmd)
 
 
 _register()

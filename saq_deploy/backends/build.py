@@ -1,0 +1,148 @@
+"""``build_engine``: calibrated artifact -> engine folder for a backend.
+
+The artifact's Q/DQ ONNX export for the backend's target is made on demand (and re-made when
+it no longer matches the calibrated state). Every engine manifest carries the parity thresholds
+``validate`` enforces, so an engine and its gate travel together.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from saq_deploy.errors import ConfigError, ModelLoadError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+TARGET_OF = {"onnxruntime": "onnxruntime-cpu", "tensorrt": "tensorrt"}
+
+# Engine vs fake-quant PyTorch on the same inputs along real trajectories. Torch and ORT round
+# differently at x.5 boundaries, and one flipped INT8 code moves a value by a full step, so a deep
+# net's outputs diverge statistically, not bit-wise (deployment-facts section 9). The bounds sit
+# well below the quantization error itself (fake-quant vs FP: SNR ~25-30 dB on the reference
+# model), so a structural bug (a wrong scale, a transposed weight, a missing Q/DQ: SNR < 10 dB)
+# cannot pass, while rounding flips (SNR ~35-45 dB) do. See docs/results/parity.md.
+DEFAULT_PARITY = {
+    "min_cosine": 0.999,  # worst UNet call
+    "min_snr_db": 25.0,  # worst UNet call
+    "min_mean_snr_db": 30.0,  # mean over calls
+    "min_psnr_db": 25.0,  # final samples, engine vs fake-quant, same seeds (range [-1, 1])
+}
+PARITY_4BIT_ACTS = {"min_cosine": 0.995, "min_snr_db": 18.0, "min_mean_snr_db": 22.0, "min_psnr_db": 20.0}
+
+
+def default_parity(bits: str | None) -> dict:
+    return dict(PARITY_4BIT_ACTS if (bits or "").lower().endswith("a4") else DEFAULT_PARITY)
+
+
+def ensure_export(artifact: Path, target: str) -> Path:
+    """The artifact's export folder for ``target``, (re)exported if missing or stale."""
+    from saq_deploy.calibrate.artifact import read_manifest
+    from saq_deploy.export.api import EXPORT_DIR, MANIFEST_FILE, export_artifact
+    from saq_deploy.utils.io import sha256_file
+
+    state = read_manifest(artifact)["state_sha256"]
+    folder = artifact / EXPORT_DIR / target
+    mf = folder / MANIFEST_FILE
+    if mf.exists():
+        m = json.loads(mf.read_text())
+        fresh = m.get("calibrated", {}).get("state_sha256") == state and all(
+            (folder / f).exists() and sha256_file(folder / f) == h for f, h in m.get("files", {}).items())
+        if fresh:
+            return folder
+    return export_artifact(artifact, (target,))[target]
+
+
+def check_onnx_inputs(path: Path, specs: list[dict]) -> None:
+    """An ONNX file must be ONNX and have the inputs the export manifest names."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others for non-ONNX bytes
+        raise ModelLoadError(f"'{path}' is not an ONNX model ({type(e).__name__}); pass a .onnx file "
+                             "from saq-deploy export") from e
+    have = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    want = {s["name"] for s in specs}
+    if have != want:
+        raise ModelLoadError(f"'{path}' has inputs {sorted(have)} but this model needs {sorted(want)}; "
+                             "export it with saq-deploy export")
+
+
+def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str | Path | None = None, *,
+                 onnx_file: str | Path | None = None, providers: list[str] | None = None, opt_level: str = "all",
+                 max_batch: int | None = None, profile: str | Path | None = None, parity: dict | None = None) -> Path:
+    """Build the engine folder; returns its path (default ``<artifact>/engine`` for ONNX Runtime)."""
+    from saq_deploy.calibrate.artifact import read_manifest
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    artifact = Path(artifact)
+    am = read_manifest(artifact)
+    if max_batch is not None and max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+    export_dir = ensure_export(artifact, TARGET_OF[backend])
+    em = json.loads((export_dir / "manifest.json").read_text())
+    src = Path(onnx_file) if onnx_file else export_dir / "model.onnx"
+    if not src.exists():
+        raise ModelLoadError(f"ONNX file '{src}' does not exist")
+    check_onnx_inputs(src, em["inputs"])
+    default_out = artifact / ("engine" if backend == "onnxruntime" else "engine-tensorrt")
+    out = Path(output) if output else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        if backend == "onnxruntime":
+            files, build = _build_ort(src, tmp, em, providers, opt_level)
+            engine_file = "model.onnx"
+        else:
+            from saq_deploy.backends import tensorrt as trt_backend
+
+            files, build, engine_file = trt_backend.build(export_dir, tmp, em, profile=profile, onnx_file=onnx_file)
+        _write_manifest(tmp, backend, engine_file, files, build, am, em, export_dir, src, max_batch,
+                        parity or default_parity(am.get("bits")))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _build_ort(src: Path, tmp: Path, em: dict, providers, opt_level: str) -> tuple[dict, dict]:
+    from saq_deploy.backends.onnxruntime import optimize_model
+    from saq_deploy.utils.io import sha256_file
+
+    build = optimize_model(src, tmp / "model.onnx", opt_level=opt_level, providers=providers,
+                           disabled_optimizers=tuple(em.get("ort_disabled_optimizers", ())))
+    return {"model.onnx": sha256_file(tmp / "model.onnx")}, build
+
+
+def _write_manifest(tmp: Path, backend: str, engine_file: str, files: dict, build: dict, am: dict, em: dict,
+                    export_dir: Path, src: Path, max_batch: int | None, parity: dict) -> None:
+    from saq_deploy.utils.io import sha256_file, write_json_atomic
+    from saq_deploy.utils.versions import package_versions
+
+    write_json_atomic(tmp / "manifest.json", {
+        "artifact": "saq-deploy-engine", "backend": backend, "engine_file": engine_file, "files": files,
+        "build": build, "inputs": em["inputs"], "outputs": em["outputs"],
+        "shapes": {"sample": em["inputs"][0]["shape"][1:], "max_batch": max_batch},
+        "source": {"onnx": str(src), "onnx_sha256": sha256_file(src), "export_dir": str(export_dir),
+                   "export_target": em["target"], "state_sha256": am["state_sha256"],
+                   "model_spec": am["model"]["spec"], "model_hash": am["model"]["hash"],
+                   "method": am["method"], "bits": am["bits"]},
+        "model_meta": em["model_meta"], "qdq": {"not_represented": em["qdq"]["not_represented"],
+                                                "weight_formats": em["qdq"]["weight_formats"]},
+        "parity": parity, "versions": package_versions(),
+    })
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished temp folder onto ``out`` (an old engine is removed only after)."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

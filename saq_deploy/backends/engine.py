@@ -1,0 +1,161 @@
+"""A built engine folder and the EpsModel over it (the one contract every backend satisfies).
+
+    runs/x/engine/            (ONNX Runtime; TensorRT engines use model.plan)
+      model.onnx               ONNX Runtime's optimized graph
+      manifest.json            backend + version, providers, input shapes, source hashes,
+                               model metadata (schedule, classes, sample shape), parity thresholds
+
+``load_engine`` checks the files against the manifest; ``Engine`` looks like a LoadedModel to
+``generate`` (``schedule()``, ``sample_shape``, ``num_classes``, ``null_label``, ``eps_model()``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saq_deploy.errors import ConfigError, ModelLoadError
+
+MANIFEST_FILE = "manifest.json"
+ENGINE_FORMAT = "saq-deploy-engine"
+
+
+@dataclass
+class Engine:
+    path: Path
+    manifest: dict
+    runner: object  # OrtRunner / TrtRunner: run(feeds, out_shape) -> Tensor
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest["model_meta"]
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["sample_shape"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.meta["num_classes"]
+
+    @property
+    def null_label(self) -> int | None:
+        return self.meta["null_label"]
+
+    @property
+    def source_hash(self) -> str:
+        return self.meta["source_hash"]
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.manifest.get("shapes", {}).get("max_batch")
+
+    def schedule(self):
+        from saq_deploy.schedules.vp import VPSchedule
+
+        return VPSchedule.from_diffusers(self.meta["scheduler_config"])
+
+    def eps_model(self) -> EngineEpsModel:
+        return EngineEpsModel(self.runner, self.kind, self.sample_shape, self.max_batch)
+
+
+class EngineEpsModel:
+    """``eps(x, t, cond)`` over an engine runner: checks shapes, splits batches above the
+    engine's maximum, keeps the caller's dtype/device."""
+
+    def __init__(self, runner, kind: str, sample_shape: tuple[int, ...], max_batch: int | None = None):
+        self.runner = runner
+        self.kind = kind
+        self.sample_shape = tuple(sample_shape)
+        self.max_batch = max_batch
+
+    def __call__(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None, /) -> Tensor:
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ConfigError(f"this engine was built for samples of shape {self.sample_shape}, got "
+                              f"{tuple(x.shape[1:])}: rebuild the engine for that shape")
+        b = x.shape[0]
+        t = timestep.reshape(-1).float().cpu()
+        t = t.expand(b) if t.numel() == 1 else t
+        feeds = {"sample": x.detach().float().cpu(), "timestep": t}
+        if self.kind == "class":
+            if cond is None:
+                raise ConfigError("this engine is class-conditional: pass class labels")
+            feeds["class_labels"] = cond.reshape(-1).long().cpu()
+        elif self.kind == "text":
+            if cond is None:
+                raise ConfigError("this engine uses cross-attention: pass encoder hidden states")
+            feeds["encoder_hidden_states"] = cond.detach().float().cpu()
+        step = self.max_batch or b
+        outs = []
+        for s in range(0, b, step):
+            part = {k: v[s:s + step] for k, v in feeds.items()}
+            outs.append(self.runner.run(part, tuple(part["sample"].shape)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.to(dtype=x.dtype, device=x.device)
+
+
+def read_engine_manifest(path: Path) -> dict:
+    path = Path(path)
+    mf = path / MANIFEST_FILE
+    if not path.is_dir() or not mf.exists():
+        raise ModelLoadError(f"'{path}' is not an engine folder (no {MANIFEST_FILE}); build one with "
+                             "saq-deploy build-engine")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"'{mf}' is not valid JSON ({e})") from e
+    if manifest.get("artifact") != ENGINE_FORMAT:
+        raise ModelLoadError(f"'{mf}' is not a saq-deploy engine manifest")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    from saq_deploy.utils.io import sha256_file
+
+    for name, digest in manifest.get("files", {}).items():
+        f = Path(path) / name
+        if not f.exists():
+            raise ModelLoadError(f"engine file '{f}' is missing; rebuild with saq-deploy build-engine")
+        if sha256_file(f) != digest:
+            raise ModelLoadError(f"engine file '{f}' does not match the hash in its manifest: it was modified "
+                                 "or is incomplete; rebuild with saq-deploy build-engine")
+
+
+def load_engine(path: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
+                verify: bool = True, force: bool = False) -> Engine:
+    """Open an engine folder with the backend its manifest names."""
+    path = Path(path)
+    manifest = read_engine_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    backend = manifest.get("backend")
+    if backend == "onnxruntime":
+        from saq_deploy.backends.onnxruntime import OrtRunner
+
+        build = manifest["build"]
+        runner = OrtRunner(path / manifest["engine_file"], providers=providers or build["providers"],
+                           threads=threads, opt_level="disable",
+                           nbits_accuracy=build.get("matmulnbits_accuracy_level", 0))
+    elif backend == "tensorrt":
+        from saq_deploy.backends import tensorrt as trt_backend
+
+        runner = trt_backend.load_runner(path, manifest, force=force)
+    else:
+        raise ModelLoadError(f"engine '{path}' names an unknown backend {backend!r}")
+    return Engine(path, manifest, runner)

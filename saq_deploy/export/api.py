@@ -1,0 +1,163 @@
+"""``export_artifact``: calibrated artifact -> Q/DQ ONNX per target, stored inside the artifact.
+
+    runs/x/onnx/tensorrt/          model.onnx (FP32-typed), model.fp16.onnx (FP16-typed, for
+                                   strongly typed TensorRT builds), manifest.json
+    runs/x/onnx/onnxruntime-cpu/   model.onnx (FP32-typed, fuses to QLinearConv etc.), manifest.json
+
+Each manifest links the calibrated state's hash, lists the inputs, the Q/DQ formats per layer,
+the export-time scales and what the target cannot represent. Each target folder is written to a
+temp folder and renamed into place, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from saq_deploy.errors import ConfigError
+from saq_deploy.export.qdq import TARGETS
+
+EXPORT_DIR = "onnx"
+MODEL_FILE = "model.onnx"
+FP16_FILE = "model.fp16.onnx"
+MANIFEST_FILE = "manifest.json"
+# QDQPropagationTransformer copies Q nodes across Reshape with a mismatched zero-point type on
+# opset-21 graphs (ORT 1.31: "output_dtype INT8 does not match y_zero_point type UINT8").
+ORT_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+
+
+def model_meta(loaded, manifest: dict | None = None) -> dict:
+    """What a standalone engine needs to sample without the PyTorch model."""
+    meta = {"name": loaded.name, "kind": loaded.kind, "sample_shape": list(loaded.sample_shape),
+            "num_classes": loaded.num_classes, "null_label": loaded.null_label,
+            "scheduler_config": dict(loaded.scheduler_config), "source_hash": loaded.source_hash}
+    if manifest is not None:
+        meta["calibrated_for"] = manifest.get("calibrated_for")
+        meta["method"], meta["bits"] = manifest.get("method"), manifest.get("bits")
+    return meta
+
+
+def build_target_model(fp_model: onnx.ModelProto, plan, target: str, feeds: list[dict]):
+    """FP graph + plan -> Q/DQ graph for ``target`` (checked) and its QdqReport."""
+    from saq_deploy.export import qdq
+    from saq_deploy.export.graph import opset_of
+
+    model = onnx.ModelProto()
+    model.CopyFrom(fp_model)
+    rep = qdq.insert_layer_qdq(model, plan, target)
+    if target == "onnxruntime-cpu":
+        outs = qdq.conv_outputs_to_quantize(model)
+        scales = qdq.observe_absmax(model, outs, feeds)
+        qdq.insert_tensor_qdq(model, scales, rewire_outputs=True)
+    else:
+        res = qdq.residual_add_inputs(model)
+        scales = qdq.observe_absmax(model, sorted({r[2] for r in res}), feeds)
+        qdq.insert_tensor_qdq(model, scales, rewire_outputs=False, residuals=res)
+    rep.observed = scales
+    rep.opset = opset_of(model)
+    if scales:
+        what = "conv outputs (QLinearConv fusion)" if target == "onnxruntime-cpu" else "residual Add inputs"
+        rep.not_represented.append(f"{len(scales)} {what} quantized to INT8 with export-time scales "
+                                   f"(absmax/127 over {len(feeds)} recorded UNet calls): not in the fake-quant model")
+    onnx.checker.check_model(model, full_check=True)
+    return model, rep
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """FP16-typed sibling for strongly typed TensorRT: I/O stay FP32 (Casts at the edges); the
+    sinusoidal timestep embedding stays FP32 (t * freq near 1000 loses its phase in FP16)."""
+    from onnxconverter_common import float16
+
+    # top-level ops (timestep broadcast and casts) and the sinusoidal projection
+    keep = [n.name for n in model.graph.node
+            if "/time_proj/" in n.name or (n.name.startswith("/unet/") and n.name.count("/") == 2)]
+    src = onnx.ModelProto()
+    src.CopyFrom(model)
+    del src.graph.value_info[:]  # stale FP32 types would contradict the converted Casts
+    fp16 = float16.convert_float_to_float16(src, keep_io_types=True, node_block_list=keep,
+                                            disable_shape_infer=False)
+    # The converter types the outputs of the exporter's own Cast(to=FLOAT) nodes as FP16 but
+    # leaves their `to`: make the two agree.
+    vi = {v.name: v.type.tensor_type.elem_type for v in fp16.graph.value_info}
+    for n in fp16.graph.node:
+        if n.op_type == "Cast" and vi.get(n.output[0]) == onnx.TensorProto.FLOAT16:
+            for a in n.attribute:
+                if a.name == "to" and a.i == onnx.TensorProto.FLOAT:
+                    a.i = onnx.TensorProto.FLOAT16
+    onnx.checker.check_model(fp16, full_check=True)
+    return fp16
+
+
+def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *, n_calib: int = 8,
+                    steps: int = 10, seed: int = 0, fp16: bool = True) -> dict[str, Path]:
+    """Export every target into ``<artifact>/onnx/<target>/``; returns target -> folder."""
+    from saq_deploy.calibrate.artifact import load_artifact
+    from saq_deploy.export.feeds import record_calls
+    from saq_deploy.export.plan import build_plan
+    from saq_deploy.export.torch_export import export_unet_onnx
+
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise ConfigError(f"unknown export target(s) {bad}; choose from {', '.join(TARGETS)}")
+    artifact = Path(artifact)
+    q = load_artifact(artifact)
+    if q.loaded.kind == "text":
+        raise ConfigError("export from artifacts supports class-conditional and unconditional UNets")
+    if "tensorrt" in targets and q.manifest["quant_config"]["act"].get("bits") == 4 \
+            and q.manifest["quant_config"]["act"].get("enabled", True):
+        raise ConfigError("W4A4 has 4-bit activations, which TensorRT cannot run (its INT4 is weight-only): "
+                          "export with --target onnxruntime-cpu")
+    plan = build_plan(q.loaded.unet)
+    calls = record_calls(q.eps_model(), q.loaded, steps=steps, n=n_calib, seed=seed)
+    cond_name = "class_labels" if q.loaded.kind == "class" else None
+    feeds = [c.feed(cond_name) for c in calls]
+    root = artifact / EXPORT_DIR
+    root.mkdir(exist_ok=True)
+    out = {}
+    with tempfile.TemporaryDirectory(dir=root, prefix=".fp-") as tmp:
+        fp_path = Path(tmp) / "fp32.onnx"
+        specs = export_unet_onnx(q.fp_unet, q.loaded.kind, q.loaded.sample_shape, fp_path)
+        fp_model = onnx.load(str(fp_path))
+        for target in targets:
+            model, rep = build_target_model(fp_model, plan, target, feeds)
+            out[target] = _write_target(root, target, model, rep, specs, q, len(calls), fp16)
+    return out
+
+
+def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q, n_calls: int,
+                  fp16: bool) -> Path:
+    from saq_deploy.utils.io import sha256_file, write_json_atomic
+    from saq_deploy.utils.versions import package_versions
+
+    final = root / target
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target}-"))
+    try:
+        onnx.save(model, str(tmp / MODEL_FILE))
+        files = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
+        if target == "tensorrt" and fp16:
+            onnx.save(to_fp16(model), str(tmp / FP16_FILE))
+            files[FP16_FILE] = sha256_file(tmp / FP16_FILE)
+        m = q.manifest
+        write_json_atomic(tmp / MANIFEST_FILE, {
+            "artifact": "saq-deploy-onnx", "target": target, "files": files,
+            "calibrated": {"path": str(q.path), "state_sha256": m["state_sha256"], "method": m["method"],
+                           "bits": m["bits"], "model_spec": m["model"]["spec"], "model_hash": m["model"]["hash"]},
+            "model_meta": model_meta(q.loaded, m),
+            "inputs": specs, "outputs": [{"name": "eps", "dtype": "float32", "shape": specs[0]["shape"]}],
+            "opset": rep.opset, "qdq": rep.to_dict(), "calibration_calls": n_calls,
+            "ort_disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS), "versions": package_versions(),
+        })
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=root, prefix=".old-"))
+            final.rename(trash / target)
+            tmp.rename(final)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

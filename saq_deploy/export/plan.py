@@ -1,0 +1,63 @@
+"""What the calibrated fake-quant UNet says each exported layer must be: integer weight codes,
+weight scales, activation step. Read straight from the fake-quant modules, so the exported Q/DQ
+graph carries exactly the calibrated numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from saq_deploy.errors import ConfigError
+
+
+@dataclass
+class LayerQuant:
+    name: str  # module name, e.g. down_blocks.1.attentions.0.to_q
+    op: str  # "conv" | "linear"
+    weight_bits: int
+    codes: np.ndarray  # int8 integer weight, the module's weight shape
+    scale: np.ndarray  # float32: per output channel (O,), or per block (O, I // block_size)
+    block_size: int | None
+    act_bits: int | None
+    act_step: float | None  # per-tensor step (timestep groups collapsed, see notes)
+    act_groups: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def collapse_steps(steps: torch.Tensor) -> float:
+    """One static step for several timestep groups: the largest, so no group clips more than it did."""
+    return float(steps.detach().float().max())
+
+
+def build_plan(unet: torch.nn.Module) -> list[LayerQuant]:
+    """One LayerQuant per QuantConv2d / QuantLinear, in module order."""
+    from saq_deploy.quant.fake_quant import QuantConv2d, quant_layers
+
+    if any(type(m).__name__ == "QuantAttnProcessor" for m in getattr(unet, "attn_processors", {}).values()):
+        raise ConfigError("this artifact fake-quantizes the attention matmuls (attention_matmul = true); "
+                          "the ONNX export cannot represent that yet: re-calibrate with attention_matmul = false")
+    plan = []
+    for name, layer in quant_layers(unet).items():
+        wq = layer.weight_quant
+        if not wq.enabled:
+            raise ConfigError(f"layer {name} has weight quantization disabled; export needs a fully quantized artifact")
+        codes = layer.int_weight().detach().cpu().numpy().astype(np.int8)
+        scale = wq.scale.detach().float().cpu().numpy()
+        scale = scale.reshape(scale.shape[0], -1) if wq.block_size else scale.reshape(-1)
+        aq = layer.act_quant
+        act_bits = act_step = None
+        groups, notes = 1, []
+        if aq is not None and aq.enabled:
+            if not aq.initialized:
+                raise ConfigError(f"layer {name} has an uninitialized activation quantizer; calibrate first")
+            act_bits, groups = aq.bits, aq.groups
+            act_step = collapse_steps(aq.step)
+            if groups > 1:
+                notes.append(f"{groups} timestep-group activation steps collapsed to one static step (their max)")
+        plan.append(LayerQuant(name, "conv" if isinstance(layer, QuantConv2d) else "linear", wq.bits, codes,
+                               scale.astype(np.float32), wq.block_size, act_bits, act_step, groups, notes))
+    if not plan:
+        raise ConfigError("the model has no quantized layers: nothing to export")
+    return plan
