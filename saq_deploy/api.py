@@ -30,11 +30,19 @@ def _load_cond_file(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | No
     return cond, None if uncond is None else uncond.float()[:1]
 
 
-def load_for_sampling(model_spec: str, artifact: Path | None):
-    """(LoadedModel, eps model, artifact info): the FP model, or the fake-quant model of a
-    calibrated artifact (which names its own source model)."""
+def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | None = None):
+    """(LoadedModel-like, eps model, artifact info): the FP model, the fake-quant model of a
+    calibrated artifact (which names its own source model), or a built engine."""
     from saq_deploy.models.loading import load_model
 
+    if engine is not None:
+        from saq_deploy.backends.engine import load_engine
+
+        eng = load_engine(engine)
+        src = eng.manifest["source"]
+        info = {"engine": str(engine), "backend": eng.backend, "state_sha256": src["state_sha256"],
+                "method": src["method"], "bits": src["bits"]}
+        return eng, eng.eps_model(), info
     if artifact is None:
         loaded = load_model(model_spec)
         return loaded, loaded.eps_model(), None
@@ -46,8 +54,24 @@ def load_for_sampling(model_spec: str, artifact: Path | None):
     return q.loaded, q.eps_model(), info
 
 
+def verify_artifact(artifact: Path) -> dict:
+    """The manifest of a calibrated artifact whose state file matches its recorded hash
+    (ModelLoadError otherwise); reads no model weights."""
+    from saq_deploy.calibrate.artifact import STATE_FILE, read_manifest
+    from saq_deploy.utils.io import sha256_file
+
+    manifest = read_manifest(Path(artifact))
+    state = Path(artifact) / STATE_FILE
+    if not state.exists():
+        raise ModelLoadError(f"'{artifact}' has no {STATE_FILE}")
+    if sha256_file(state) != manifest.get("state_sha256"):
+        raise ModelLoadError(f"'{state}' does not match the hash in its manifest: the artifact was modified "
+                             "or is incomplete; re-run saq-deploy calibrate")
+    return manifest
+
+
 def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
-                   cond_file: Path | None = None, artifact: Path | None = None,
+                   cond_file: Path | None = None, artifact: Path | None = None, engine: Path | None = None,
                    progress: bool = False) -> Path:
     """Sample ``settings.n`` images from a model (or a calibrated artifact's fake-quant model),
     write a grid PNG and ``<output>.json`` manifest."""
@@ -62,7 +86,7 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     if output.suffix.lower() != ".png":
         raise ConfigError(f"--output must end in .png, got '{output}'")
     torch.manual_seed(settings.seed)
-    loaded, eps_model, art = load_for_sampling(model_spec, artifact)
+    loaded, eps_model, art = load_for_sampling(model_spec, artifact, engine)
     cond, null = None, loaded.null_label
     if loaded.kind == "text":
         if cond_file is None:

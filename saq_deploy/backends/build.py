@@ -19,17 +19,21 @@ TARGET_OF = {"onnxruntime": "onnxruntime-cpu", "tensorrt": "tensorrt"}
 
 # Engine vs fake-quant PyTorch on the same inputs along real trajectories. Torch and ORT round
 # differently at x.5 boundaries, and one flipped INT8 code moves a value by a full step, so a deep
-# net's outputs diverge statistically, not bit-wise (deployment-facts section 9). The bounds sit
-# well below the quantization error itself (fake-quant vs FP: SNR ~25-30 dB on the reference
-# model), so a structural bug (a wrong scale, a transposed weight, a missing Q/DQ: SNR < 10 dB)
-# cannot pass, while rounding flips (SNR ~35-45 dB) do. See docs/results/parity.md.
+# net's outputs diverge statistically, not bit-wise (deployment-facts section 9). The divergence
+# concentrates in the last call (t ~ 0, where eps is ill-conditioned and barely moves the
+# sample), so the gate uses the median, mean and 10th percentile over calls, not the worst call, plus
+# the end-to-end PSNR of final samples. The bounds sit well below the quantization error itself
+# (fake-quant vs FP32), so a structural bug (wrong scale, transposed weight, missing Q/DQ: SNR
+# < 15 dB) cannot pass, while rounding flips (~35-38 dB on the reference model) do.
+# Measured figures: docs/results/parity.md.
 DEFAULT_PARITY = {
-    "min_cosine": 0.999,  # worst UNet call
-    "min_snr_db": 25.0,  # worst UNet call
-    "min_mean_snr_db": 30.0,  # mean over calls
-    "min_psnr_db": 25.0,  # final samples, engine vs fake-quant, same seeds (range [-1, 1])
+    "min_median_cosine": 0.999,
+    "min_p10_snr_db": 25.0,
+    "min_mean_snr_db": 30.0,
+    "min_psnr_db": 30.0,  # final samples, engine vs fake-quant, same seeds (range [-1, 1])
 }
-PARITY_4BIT_ACTS = {"min_cosine": 0.995, "min_snr_db": 18.0, "min_mean_snr_db": 22.0, "min_psnr_db": 20.0}
+# 4-bit activations: a rounding flip moves a value by 1/16 of the range instead of 1/256
+PARITY_4BIT_ACTS = {"min_median_cosine": 0.995, "min_p10_snr_db": 18.0, "min_mean_snr_db": 22.0, "min_psnr_db": 22.0}
 
 
 def default_parity(bits: str | None) -> dict:
@@ -73,7 +77,8 @@ def check_onnx_inputs(path: Path, specs: list[dict]) -> None:
 def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str | Path | None = None, *,
                  onnx_file: str | Path | None = None, providers: list[str] | None = None, opt_level: str = "all",
                  max_batch: int | None = None, profile: str | Path | None = None, parity: dict | None = None) -> Path:
-    """Build the engine folder; returns its path (default ``<artifact>/engine`` for ONNX Runtime)."""
+    """Build the engine folder; returns its path (default ``<artifact>/engine`` for ONNX Runtime,
+    ``engines/out/<artifact>-<profile>/`` for TensorRT, whose ``profile`` is a build-profile TOML)."""
     from saq_deploy.calibrate.artifact import read_manifest
 
     if backend not in BACKENDS:
@@ -82,13 +87,21 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
     am = read_manifest(artifact)
     if max_batch is not None and max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+    prof = None
+    if backend == "tensorrt":  # profile, TensorRT and GPU checked before any (slow) export
+        from saq_deploy.backends import tensorrt as trt_backend
+
+        prof = trt_backend.preflight(profile)
+        if max_batch is not None and max_batch > prof.batches[2]:
+            raise ConfigError(f"--max-batch {max_batch} exceeds the build profile's maximum engine batch "
+                              f"{prof.batches[2]} (batch.max, doubled when cfg = true)")
     export_dir = ensure_export(artifact, TARGET_OF[backend])
     em = json.loads((export_dir / "manifest.json").read_text())
-    src = Path(onnx_file) if onnx_file else export_dir / "model.onnx"
+    src = Path(onnx_file) if onnx_file else export_dir / (prof.onnx_file if prof else "model.onnx")
     if not src.exists():
         raise ModelLoadError(f"ONNX file '{src}' does not exist")
     check_onnx_inputs(src, em["inputs"])
-    default_out = artifact / ("engine" if backend == "onnxruntime" else "engine-tensorrt")
+    default_out = artifact / "engine" if prof is None else trt_backend.default_output(artifact, prof)
     out = Path(output) if output else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
@@ -99,7 +112,8 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
         else:
             from saq_deploy.backends import tensorrt as trt_backend
 
-            files, build, engine_file = trt_backend.build(export_dir, tmp, em, profile=profile, onnx_file=onnx_file)
+            files, build, engine_file = trt_backend.build(export_dir, tmp, em, profile=prof, onnx_file=src)
+            max_batch = max_batch or build["max_batch"]
         _write_manifest(tmp, backend, engine_file, files, build, am, em, export_dir, src, max_batch,
                         parity or default_parity(am.get("bits")))
         _replace(tmp, out)

@@ -90,17 +90,19 @@ class EngineEpsModel:
             raise ConfigError(f"this engine was built for samples of shape {self.sample_shape}, got "
                               f"{tuple(x.shape[1:])}: rebuild the engine for that shape")
         b = x.shape[0]
-        t = timestep.reshape(-1).float().cpu()
+        # GPU runners (TensorRT) take tensors on their device as they are: no host copies per call
+        dev = getattr(self.runner, "device", None) or torch.device("cpu")
+        t = timestep.reshape(-1).float().to(dev)
         t = t.expand(b) if t.numel() == 1 else t
-        feeds = {"sample": x.detach().float().cpu(), "timestep": t}
+        feeds = {"sample": x.detach().float().to(dev), "timestep": t}
         if self.kind == "class":
             if cond is None:
                 raise ConfigError("this engine is class-conditional: pass class labels")
-            feeds["class_labels"] = cond.reshape(-1).long().cpu()
+            feeds["class_labels"] = cond.reshape(-1).long().to(dev)
         elif self.kind == "text":
             if cond is None:
                 raise ConfigError("this engine uses cross-attention: pass encoder hidden states")
-            feeds["encoder_hidden_states"] = cond.detach().float().cpu()
+            feeds["encoder_hidden_states"] = cond.detach().float().to(dev)
         step = self.max_batch or b
         outs = []
         for s in range(0, b, step):

@@ -27,7 +27,7 @@ def _root(
 
 
 def _register() -> None:
-    from saq_deploy.cli import calibrate, evaluate, info, lint, sample, train
+    from saq_deploy.cli import calibrate, engine, evaluate, info, inspect, lint, sample, train
 
     app.command("sample")(sample.sample_cmd)
     app.command("calibrate")(calibrate.calibrate_cmd)
@@ -36,7 +36,13 @@ def _register() -> None:
     app.command("env")(info.env_cmd)
     app.command("train-reference")(train.train_reference_cmd)
     app.command("train-classifier")(train.train_classifier_cmd)
+    app.command("export")(engine.export_cmd)
+    app.command("build-engine")(engine.build_engine_cmd)
+    app.command("validate")(engine.validate_cmd)
     app.command("lint")(lint.lint_cmd)
+    app.command("inspect")(inspect.inspect_cmd)
+    app.command("serve")(__import__("saq_deploy.cli.serve", fromlist=["x"]).serve_cmd)
+    app.command("export-triton")(__import__("saq_deploy.cli.serve", fromlist=["x"]).export_triton_cmd)
 
 
 _register()

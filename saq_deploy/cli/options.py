@@ -34,3 +34,5 @@ NumOpt = Annotated[int, typer.Option("--num-samples", "-n", help="Number of samp
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
 SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", help="Timestep spacing (default: the sampler's diffusers default).", case_sensitive=False)]
 ArtifactOpt = Annotated[Path | None, typer.Option("--artifact", "-a", help="Calibrated artifact folder: sample its fake-quant model (overrides --model).")]
+EngineOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine folder from build-engine: sample through the engine (overrides --model/--artifact).")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="Engine backend: onnxruntime or tensorrt.")]

@@ -9,6 +9,7 @@ import typer
 
 from saq_deploy.cli.options import (
     ArtifactOpt,
+    EngineOpt,
     CfgOpt,
     ModelOpt,
     NumOpt,
@@ -31,6 +32,7 @@ def sample_cmd(
     label: Annotated[int | None, typer.Option("--label", help="Class label for every sample (default: cycle through classes).")] = None,
     spacing: SpacingOpt = None,
     artifact: ArtifactOpt = None,
+    engine: EngineOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per model call batch.")] = 64,
     cond_file: Annotated[Path | None, typer.Option("--cond-file", help="Cross-attention UNets: safetensors with 'cond' (1|N, L, D) and optional 'uncond' embeddings.")] = None,
     output: OutputOpt = Path("grid.png"),
@@ -41,5 +43,6 @@ def sample_cmd(
 
     settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
                               label=label, spacing=spacing.value if spacing else None, batch_size=batch_size)
-    out = sample_to_file(model, settings, output, cond_file=cond_file, artifact=artifact, progress=True)
+    out = sample_to_file(model, settings, output, cond_file=cond_file, artifact=artifact, engine=engine,
+                         progress=True)
     typer.echo(f"wrote {out} ({num_samples} samples, {sampler.value}, {steps} steps, cfg {cfg})")

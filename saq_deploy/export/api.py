@@ -33,7 +33,9 @@ def model_meta(loaded, manifest: dict | None = None) -> dict:
     """What a standalone engine needs to sample without the PyTorch model."""
     meta = {"name": loaded.name, "kind": loaded.kind, "sample_shape": list(loaded.sample_shape),
             "num_classes": loaded.num_classes, "null_label": loaded.null_label,
-            "scheduler_config": dict(loaded.scheduler_config), "source_hash": loaded.source_hash}
+            "scheduler_config": dict(loaded.scheduler_config), "source_hash": loaded.source_hash,
+            "unet_class": type(loaded.unet).__name__,
+            "unet_config": {k: v for k, v in dict(loaded.unet.config).items() if not k.startswith("_")}}
     if manifest is not None:
         meta["calibrated_for"] = manifest.get("calibrated_for")
         meta["method"], meta["bits"] = manifest.get("method"), manifest.get("bits")

@@ -1,0 +1,98 @@
+"""`saq-deploy export`, `build-engine`, `validate`: calibrated artifact -> Q/DQ ONNX -> engine ->
+parity gate. Thin over saq_deploy.export / saq_deploy.backends / saq_deploy.validate."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Backend(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class Target(str, Enum):
+    tensorrt = "tensorrt"
+    onnxruntime_cpu = "onnxruntime-cpu"
+
+
+class OptLevel(str, Enum):
+    disable = "disable"
+    basic = "basic"
+    extended = "extended"
+    all = "all"
+
+
+ArtifactArg = Annotated[Path, typer.Argument(help="Calibrated artifact folder (from saq-deploy calibrate).")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", "-b", case_sensitive=False, help="Engine backend.")]
+EngineDirOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine folder (default: <artifact>/engine for onnxruntime).")]
+
+
+def export_cmd(
+    artifact: ArtifactArg,
+    target: Annotated[list[Target] | None, typer.Option("--target", "-t", case_sensitive=False, help="Placement(s) to export (default: both).")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Seeded samples whose trajectories give the export-time observer inputs.")] = 8,
+) -> None:
+    """Export the calibrated model as Q/DQ ONNX into <artifact>/onnx/<target>/."""
+    from saq_deploy.errors import ConfigError
+    from saq_deploy.export.api import export_artifact
+    from saq_deploy.export.qdq import TARGETS
+
+    if calib_samples < 1:
+        raise ConfigError(f"--calib-samples must be >= 1, got {calib_samples}")
+    targets = tuple(t.value for t in target) if target else TARGETS
+    for t, folder in export_artifact(artifact, targets, n_calib=calib_samples).items():
+        typer.echo(f"wrote {folder}/ ({t})")
+
+
+def build_engine_cmd(
+    artifact: ArtifactArg,
+    backend: BackendOpt = Backend.onnxruntime,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Engine folder to write (default: <artifact>/engine, or engines/out/... for TensorRT).")] = None,
+    onnx_file: Annotated[Path | None, typer.Option("--onnx", help="Build from this Q/DQ ONNX instead of the artifact's own export (must have the same inputs).")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", "-p", help="TensorRT build profile (engines/profiles/*.toml).")] = None,
+    provider: Annotated[list[str] | None, typer.Option("--provider", help="ONNX Runtime execution provider(s), e.g. CUDAExecutionProvider (default: CPU).")] = None,
+    opt_level: Annotated[OptLevel, typer.Option("--opt-level", case_sensitive=False, help="ONNX Runtime graph optimization level ('all' may use CPU-specific layouts; 'extended' is portable).")] = OptLevel.all,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="Largest batch per engine call (bigger batches are split).")] = None,
+) -> None:
+    """Build an engine (ONNX Runtime everywhere, TensorRT on NVIDIA GPUs) from a calibrated artifact."""
+    from saq_deploy.backends.build import build_engine
+
+    out = build_engine(artifact, backend.value, output, onnx_file=onnx_file, providers=provider,
+                       opt_level=opt_level.value, max_batch=max_batch, profile=profile)
+    typer.echo(f"wrote {out}/ ({backend.value} engine); next: saq-deploy validate {artifact} --backend {backend.value}")
+
+
+def validate_cmd(
+    artifact: ArtifactArg,
+    backend: BackendOpt = Backend.onnxruntime,
+    engine: EngineDirOpt = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Seeded samples per sampler for the parity gate.")] = 16,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps of the parity trajectories and the quality run.")] = 10,
+    quality_n: Annotated[int, typer.Option("--quality-n", help="Samples for the quality figures (0 = skip).")] = 200,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report folder (default: <artifact>/validation/<backend>).")] = None,
+) -> None:
+    """Parity gate (engine vs fake-quant PyTorch); quality figures only if it passes. Exit 1 on failure."""
+    from saq_deploy.validate import validate_engine
+
+    r = validate_engine(artifact, backend.value, engine, n=num_samples, steps=steps, quality_n=quality_n,
+                        out_dir=output, log=lambda msg: typer.echo(msg, err=True))
+    m = r["metrics"]
+    typer.echo(f"parity {'PASSED' if r['passed'] else 'FAILED'}: median cosine {m['median_cosine']:.6f}, "
+               f"SNR mean {m['mean_snr_db']:.1f} dB / p10 {m['p10_snr_db']:.1f} dB, "
+               f"final-sample PSNR {m['min_psnr_db']:.1f} dB, max-abs {m['max_abs']:.3g}")
+    if not r["passed"]:
+        typer.echo("gate failed: " + "; ".join(r["failures"]) + " -- no quality figures reported", err=True)
+        typer.echo(f"report: {r['report_dir']}/report.md")
+        raise typer.Exit(1)
+    q = r.get("quality")
+    if q:
+        for name in ("fp32", "engine"):
+            x = q[name]
+            typer.echo(f"{name:>7}: digit-FID {x['digit_fid']:.2f}  IS {x['inception_score']:.2f}  "
+                       f"accuracy {x['accuracy']:.3f}")
+    typer.echo(f"report: {r['report_dir']}/report.md")
