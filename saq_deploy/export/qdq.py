@@ -208,6 +208,8 @@ def observe_absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[
 
     if not tensors:
         return {}
+    if not feeds:
+        raise ConfigError("export-time observers need at least one recorded UNet call")
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for t in tensors:
