@@ -250,7 +250,7 @@ def test_gate_catches_a_wrong_scale(w8a8, tmp_path, capsys):
 def test_sample_through_engine_cli(w8a8, tmp_path, capsys):
     eng = build_engine(w8a8, "onnxruntime", tmp_path / "engine")
     png = tmp_path / "grid.png"
-    code, out, _ = _run_cli(["sample", "--engine", str(eng), "-n", "10", "--steps", "4", "-o", str(png)], capsys)
+    code, _out, _ = _run_cli(["sample", "--engine", str(eng), "-n", "10", "--steps", "4", "-o", str(png)], capsys)
     assert code == 0 and png.stat().st_size > 500
     meta = json.loads(png.with_suffix(".json").read_text())
     assert meta["calibrated_artifact"]["backend"] == "onnxruntime"
