@@ -55,7 +55,7 @@ def resolve_providers(providers: list[str] | tuple[str, ...] | None) -> list[str
 
 
 def session_options(*, opt_level: str = "all", threads: int | None = None, optimized_path: Path | None = None,
-                    nbits_accuracy: int = 0):
+                    nbits_accuracy: int = 0, spinning: bool = True):
     ort = _ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = _level(ort, opt_level)
@@ -65,6 +65,8 @@ def session_options(*, opt_level: str = "all", threads: int | None = None, optim
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     so.add_session_config_entry(NBITS_ACCURACY_KEY, str(nbits_accuracy))
+    if not spinning:  # idle ORT threads stop busy-waiting (fair when sharing cores with torch)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -90,10 +92,11 @@ class OrtRunner:
     in place and the output lands in a preallocated tensor, so no extra copies per call."""
 
     def __init__(self, model_path: Path, *, providers=None, threads: int | None = None,
-                 opt_level: str = "disable", disabled_optimizers: tuple[str, ...] = (), nbits_accuracy: int = 0):
+                 opt_level: str = "disable", disabled_optimizers: tuple[str, ...] = (), nbits_accuracy: int = 0,
+                 spinning: bool = True):
         ort = _ort()
         self.providers = resolve_providers(providers)
-        so = session_options(opt_level=opt_level, threads=threads, nbits_accuracy=nbits_accuracy)
+        so = session_options(opt_level=opt_level, threads=threads, nbits_accuracy=nbits_accuracy, spinning=spinning)
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=self.providers,
                                                 disabled_optimizers=list(disabled_optimizers))

@@ -96,3 +96,27 @@ def validate_cmd(
             typer.echo(f"{name:>7}: digit-FID {x['digit_fid']:.2f}  IS {x['inception_score']:.2f}  "
                        f"accuracy {x['accuracy']:.3f}")
     typer.echo(f"report: {r['report_dir']}/report.md")
+
+
+def bench_cmd(
+    artifact: ArtifactArg,
+    backend: BackendOpt = Backend.onnxruntime,
+    engine: EngineDirOpt = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch per UNet call.")] = 8,
+    calls: Annotated[int, typer.Option("--calls", help="Timed calls per variant (after 3 warm-up calls).")] = 20,
+) -> None:
+    """Median latency per UNet call: engine vs PyTorch FP32 vs ONNX Runtime FP32, side by side."""
+    from saq_deploy.validate.bench import bench_engine
+
+    r = bench_engine(artifact, backend.value, engine, batch=batch, calls=calls)
+    for k, v in r["median_ms"].items():
+        typer.echo(f"{k:>28}: {v:8.2f} ms")
+    typer.echo(f"engine speed-up: {r['speedup_vs_onnxruntime_fp32']:.2f}x vs ONNX Runtime FP32, "
+               f"{r['speedup_vs_pytorch_fp32']:.2f}x vs PyTorch FP32 (batch {batch}, {calls} calls)")
+
+
+def summary_cmd(artifact: ArtifactArg, backend: BackendOpt = Backend.onnxruntime) -> None:
+    """Print parity, quality vs FP32 and speed vs FP32 from validate and bench results."""
+    from saq_deploy.validate.bench import summary
+
+    typer.echo(summary(artifact, backend.value))
