@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, from the local CPU wheel; the constraints file keeps later installs from replacing it
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,16 +20,21 @@ setup: $(STAMP)
 DEMO := runs/demo
 demo: $(STAMP)
 	$(BIN)/saq-deploy env
-	$(BIN)/saq-deploy sample --model builtin:digits --sampler dpmpp-2m --steps 10 --cfg 1.5 --seed 0 -n 64 -o $(DEMO)/grid.png
-	# W8A8 SA-PTQ (MOTA) on 10-step DPM-Solver-2 trajectories; fewer seeds/iterations than the recipe, for speed
+	# 1. calibrate: W8A8 SA-PTQ (MOTA) on 10-step DPM-Solver-2 trajectories; fewer seeds/iterations than the recipe, for speed
 	rm -rf $(DEMO)/w8a8 $(DEMO)/.w8a8.partial
 	$(BIN)/saq-deploy calibrate --recipe calibration/digits_w8a8_sa-ptq.toml --num-samples 16 --iters 50 -o $(DEMO)/w8a8
-	$(BIN)/saq-deploy sample --artifact $(DEMO)/w8a8 --sampler ddim --spacing quadratic --steps 10 -n 64 -o $(DEMO)/grid-w8a8.png
-	@echo "== FP32, DDIM 10 steps (quadratic grid), 200 samples"
-	$(BIN)/saq-deploy evaluate --model builtin:digits --sampler ddim --spacing quadratic --steps 10 -n 200 --seed 1000 -o $(DEMO)/eval-fp32.json
-	@echo "== W8A8 SA-PTQ fake-quant, same sampler and seeds"
-	$(BIN)/saq-deploy evaluate --artifact $(DEMO)/w8a8 --sampler ddim --spacing quadratic --steps 10 -n 200 --seed 1000 -o $(DEMO)/eval-w8a8.json
-	@echo "Wrote $(DEMO)/grid.png, $(DEMO)/grid-w8a8.png, $(DEMO)/w8a8/ (artifact + report.md), $(DEMO)/eval-*.json"
+	# 2. export Q/DQ ONNX (TensorRT + ONNX Runtime placements) and build the ONNX Runtime engine
+	$(BIN)/saq-deploy export $(DEMO)/w8a8
+	$(BIN)/saq-deploy lint $(DEMO)/w8a8/onnx/tensorrt/model.onnx --target tensorrt
+	$(BIN)/saq-deploy build-engine $(DEMO)/w8a8 --backend onnxruntime
+	# 3. parity gate (engine vs fake-quant) and, only if it passes, quality vs FP32
+	$(BIN)/saq-deploy validate $(DEMO)/w8a8 --backend onnxruntime --quality-n 200
+	# 4. sample through the engine
+	$(BIN)/saq-deploy sample --engine $(DEMO)/w8a8/engine --sampler dpmpp-2m --steps 10 -n 64 -o $(DEMO)/grid-engine.png
+	$(BIN)/saq-deploy bench $(DEMO)/w8a8 --backend onnxruntime --batch 8 --calls 20
+	@echo
+	$(BIN)/saq-deploy summary $(DEMO)/w8a8 --backend onnxruntime
+	@echo "Wrote $(DEMO)/w8a8/ (artifact, onnx/, engine/, validation/onnxruntime/report.md + direction-error.png), $(DEMO)/grid-engine.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

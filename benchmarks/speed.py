@@ -197,6 +197,7 @@ def op_profile(path: Path, m: Model, batch: int, threads: int, disabled=()) -> d
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "saq_ort_profile")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
     feed = {k: v.numpy() for k, v in m.batch(batch).items()}
     sess.run(None, feed)

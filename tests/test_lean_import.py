@@ -7,11 +7,12 @@ import sys
 
 import pytest
 
-HEAVY = ("onnxruntime", "tensorrt", "modelopt", "polygraphy")
+HEAVY = ("onnxruntime", "tensorrt", "modelopt", "polygraphy", "fastapi", "uvicorn", "starlette")
 
 
 @pytest.mark.parametrize("module", ["saq_deploy", "saq_deploy.cli.app", "saq_deploy.generate",
-                                    "saq_deploy.samplers.registry", "saq_deploy.api"])
+                                    "saq_deploy.samplers.registry", "saq_deploy.api",
+                                    "saq_deploy.serve", "saq_deploy.cli.serve"])
 def test_no_heavy_imports(module):
     code = (f"import sys, {module}; bad = [m for m in {HEAVY!r} if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")

@@ -39,6 +39,8 @@ def _register() -> None:
     app.command("export")(engine.export_cmd)
     app.command("build-engine")(engine.build_engine_cmd)
     app.command("validate")(engine.validate_cmd)
+    app.command("bench")(engine.bench_cmd)
+    app.command("summary")(engine.summary_cmd)
     app.command("lint")(lint.lint_cmd)
     app.command("inspect")(inspect.inspect_cmd)
     app.command("serve")(__import__("saq_deploy.cli.serve", fromlist=["x"]).serve_cmd)
