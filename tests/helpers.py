@@ -49,3 +49,13 @@ def save_pipeline_folder(root: Path, unet) -> Path:
     save_scheduler(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}))
     return root
+
+
+def minmax_artifact(out: Path, num_samples: int = 4, steps: int = 3, bits: str = "w8a8") -> Path:
+    """A quick calibrated artifact of builtin:digits (minmax: no reconstruction)."""
+    from saq_deploy.calibrate.recipe import Recipe
+    from saq_deploy.calibrate.run import calibrate
+
+    calibrate(Recipe().with_overrides({"calibration.method": "minmax", "quant.bits": bits,
+                                       "calibration.num_samples": num_samples, "calibration.steps": steps}), out)
+    return out

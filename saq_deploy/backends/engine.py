@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,15 +112,10 @@ class EngineEpsModel:
 
 
 def read_engine_manifest(path: Path) -> dict:
-    path = Path(path)
-    mf = path / MANIFEST_FILE
-    if not path.is_dir() or not mf.exists():
-        raise ModelLoadError(f"'{path}' is not an engine folder (no {MANIFEST_FILE}); build one with "
-                             "saq-deploy build-engine")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"'{mf}' is not valid JSON ({e})") from e
+    from saq_deploy.utils.io import read_folder_manifest
+
+    mf = Path(path) / MANIFEST_FILE
+    manifest = read_folder_manifest(path, MANIFEST_FILE, "an engine folder", "build one with saq-deploy build-engine")
     if manifest.get("artifact") != ENGINE_FORMAT:
         raise ModelLoadError(f"'{mf}' is not a saq-deploy engine manifest")
     return manifest

@@ -12,7 +12,6 @@ manifest and a short report. Loading it rebuilds the identical fake-quant model.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,15 +75,9 @@ def save_artifact(out_dir: Path, *, unet: torch.nn.Module, manifest: dict, recip
 
 
 def read_manifest(path: Path) -> dict:
-    path = Path(path)
-    mf = path / MANIFEST_FILE
-    if not path.is_dir() or not mf.exists():
-        raise ModelLoadError(f"'{path}' is not a calibrated artifact (no {MANIFEST_FILE}); "
-                             "create one with saq-deploy calibrate")
-    try:
-        return json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"'{mf}' is not valid JSON ({e})") from e
+    from saq_deploy.utils.io import read_folder_manifest
+
+    return read_folder_manifest(path, MANIFEST_FILE, "a calibrated artifact", "create one with saq-deploy calibrate")
 
 
 def load_artifact(path: str | Path, *, verify: bool = True) -> CalibratedModel:

@@ -9,8 +9,8 @@ import typer
 
 from saq_deploy.cli.options import (
     ArtifactOpt,
-    EngineOpt,
     CfgOpt,
+    EngineOpt,
     ModelOpt,
     NumOpt,
     OutputOpt,

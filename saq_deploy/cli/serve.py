@@ -8,16 +8,13 @@ from typing import Annotated
 
 import typer
 
+from saq_deploy.cli.engine import Backend
+
 
 class ServeBackend(str, Enum):
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
     torch = "torch"
-
-
-class EngineBackend(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
 
 
 ArtifactArg = Annotated[Path, typer.Argument(help="Calibrated artifact folder (saq-deploy calibrate -o).",
@@ -73,8 +70,8 @@ def serve_cmd(
 def export_triton_cmd(
     artifact: ArtifactArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model repository folder.")] = Path("model_repository"),
-    backend: Annotated[EngineBackend, typer.Option("--backend", help="Which engine to export.",
-                                                   case_sensitive=False)] = EngineBackend.onnxruntime,
+    backend: Annotated[Backend, typer.Option("--backend", help="Which engine to export.",
+                                                   case_sensitive=False)] = Backend.onnxruntime,
     engine: EngineOpt = None,
     name: Annotated[str, typer.Option("--name", help="Triton model name.")] = "saq_unet",
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="max_batch_size (default: the engine "

@@ -58,3 +58,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
+
+
+def read_folder_manifest(folder: str | os.PathLike, filename: str, what: str, hint: str) -> dict:
+    """JSON manifest of an artifact-like folder; one-line ModelLoadError when missing or broken."""
+    from saq_deploy.errors import ModelLoadError
+
+    folder = Path(folder)
+    mf = folder / filename
+    if not folder.is_dir() or not mf.exists():
+        raise ModelLoadError(f"'{folder}' is not {what} (no {filename}); {hint}")
+    try:
+        return json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"'{mf}' is not valid JSON ({e})") from e

@@ -19,13 +19,9 @@ PROFILES = Path(__file__).resolve().parents[2] / "engines" / "profiles"
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from saq_deploy.calibrate.recipe import Recipe
-    from saq_deploy.calibrate.run import calibrate
+    from tests.helpers import minmax_artifact
 
-    out = tmp_path_factory.mktemp("trt-real") / "w8a8"
-    calibrate(Recipe().with_overrides({"calibration.method": "minmax", "calibration.num_samples": 8,
-                                       "calibration.steps": 5}), out)
-    return out
+    return minmax_artifact(tmp_path_factory.mktemp("trt-real") / "w8a8", 8, 5)
 
 
 def _profile(tmp: Path, *, version_compatible: bool = False) -> Path:

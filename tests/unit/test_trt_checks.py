@@ -234,13 +234,9 @@ def test_load_engine_without_tensorrt_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
-    from saq_deploy.calibrate.recipe import Recipe
-    from saq_deploy.calibrate.run import calibrate
+    from tests.helpers import minmax_artifact
 
-    out = tmp_path_factory.mktemp("trt") / "w8a8"
-    calibrate(Recipe().with_overrides({"calibration.method": "minmax", "calibration.num_samples": 4,
-                                       "calibration.steps": 3}), out)
-    return out
+    return minmax_artifact(tmp_path_factory.mktemp("trt") / "w8a8", 4, 3)
 
 
 @pytest.mark.slow
