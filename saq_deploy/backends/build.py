@@ -24,13 +24,15 @@ TARGET_OF = {"onnxruntime": "onnxruntime-cpu", "tensorrt": "tensorrt"}
 # sample), so the gate uses the median, mean and 10th percentile over calls, not the worst call, plus
 # the end-to-end PSNR of final samples. The bounds sit well below the quantization error itself
 # (fake-quant vs FP32), so a structural bug (wrong scale, transposed weight, missing Q/DQ: SNR
-# < 15 dB) cannot pass, while rounding flips (~35-38 dB on the reference model) do.
+# < 15 dB) cannot pass, while rounding flips (~35-38 dB on the reference model) do. Negative
+# controls: scales 2x in one block or per-channel scales shifted by one channel fail; a single
+# conv's scales off by 30% stay inside the flip noise and pass (quality shows it instead).
 # Measured figures: docs/results/parity.md.
 DEFAULT_PARITY = {
     "min_median_cosine": 0.999,
-    "min_p10_snr_db": 25.0,
+    "min_p10_snr_db": 28.0,
     "min_mean_snr_db": 30.0,
-    "min_psnr_db": 30.0,  # final samples, engine vs fake-quant, same seeds (range [-1, 1])
+    "min_psnr_db": 32.0,  # final samples, engine vs fake-quant, same seeds (range [-1, 1])
 }
 # 4-bit activations: a rounding flip moves a value by 1/16 of the range instead of 1/256
 PARITY_4BIT_ACTS = {"min_median_cosine": 0.995, "min_p10_snr_db": 18.0, "min_mean_snr_db": 22.0, "min_psnr_db": 22.0}
