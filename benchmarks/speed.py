@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -101,14 +102,34 @@ def calib_feeds(m: Model, n_batches: int, b: int) -> list[dict[str, torch.Tensor
 def build(m: Model, work: Path, feeds, threads: int) -> dict:
     """The four callables feed -> eps, plus build notes."""
     import copy
+    import gc
 
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     fp_path = work / "fp32.onnx"
     export_unet_onnx(m.unet, m.kind, m.shape, fp_path, cond_shape=m.cond_shape)
+    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(np_feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    # quantize_static first, while nothing else is held: it keeps every intermediate tensor of every
+    # calibration batch (an SD-1.5 UNet needs > 10 GB for two batches)
+    qs_path = work / "qstatic.onnx"
+    t0 = time.perf_counter()
+    quantize_static(str(fp_path), str(qs_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    use_external_data_format=len(list(work.iterdir())) > 2)
+    qs_time = time.perf_counter() - t0
+    gc.collect()
     fq = copy.deepcopy(m.unet)
-    quantize_(fq, preset("w8a8"))
+    cfg = preset("w8a8")  # minmax weight scales: the MSE search costs minutes on 860 M weights, speed is the same
+    quantize_(fq, dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, scale_method="minmax")))
     m2 = Model.__new__(Model)
     m2.__dict__.update(m.__dict__)
     m2.unet = fq
@@ -118,25 +139,14 @@ def build(m: Model, work: Path, feeds, threads: int) -> dict:
             m2.torch_call(f)
 
     init_act_steps(fq, run_batches, "minmax")
-    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
-    q_model, rep = build_target_model(onnx.load(str(fp_path)), build_plan(fq), "onnxruntime-cpu", np_feeds)
+    plan = build_plan(fq)
+    fq = m2 = None  # free the fake-quant copy before loading the ONNX
+    gc.collect()
+    q_model, rep = build_target_model(onnx.load(str(fp_path)), plan, "onnxruntime-cpu", np_feeds)
     int8_path = work / "int8.onnx"
     onnx.save(q_model, str(int8_path))
-    del q_model
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(np_feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    qs_path = work / "qstatic.onnx"
-    t0 = time.perf_counter()
-    quantize_static(str(fp_path), str(qs_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=os.path.exists(str(fp_path) + ".data") or fp_path.stat().st_size > 2e9)
-    qs_time = time.perf_counter() - t0
+    del q_model, plan
+    gc.collect()
     # no busy-waiting ORT threads: they would steal the cores from torch's next interleaved call
     kw = {"threads": threads, "opt_level": "all", "spinning": False}
     runners = {"ort-fp32": OrtRunner(fp_path, **kw),
@@ -240,7 +250,7 @@ def main() -> None:
         batches = [int(b) for b in (args.sd_batches if sd else args.batches).split(",")]
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            feeds = calib_feeds(m, 4 if sd else 10, 2 if sd else 16)
+            feeds = calib_feeds(m, 2 if sd else 10, 2 if sd else 16)
             v = build(m, Path(tmp), feeds, args.threads)
             r = {"build_s": round(time.perf_counter() - t0, 1), "qstatic_time_s": v["qstatic_time_s"],
                  "params_m": round(sum(p.numel() for p in m.unet.parameters()) / 1e6, 2),
