@@ -60,16 +60,16 @@ def write_report(results: dict, out: Path) -> None:
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {what} | {val} | {_mark(ok)} |" for what, ok, val in verdicts]
     lines += ["", "Notes:", "",
-              "- Our INT8 and ORT's `quantize_static` fuse the same kernels (QLinearConv, "
+              ("- Our INT8 and ORT's `quantize_static` fuse the same kernels (QLinearConv, "
               "MatMulIntegerToFloat); the margin between them is a few percent, about the size of run-to-run "
               "noise, so read 'faster than quantize_static' as 'on par or slightly faster'. Ours keeps the "
-              "calibrated (SA-PTQ) scales and passes the parity gate; quantize_static re-calibrates with its own.",
-              "- Where the INT8 time goes: QLinearConv and MatMulIntegerToFloat replace FP32 Conv/MatMul at ~4x "
+              "calibrated (SA-PTQ) scales and passes the parity gate; quantize_static re-calibrates with its own."),
+              ("- Where the INT8 time goes: QLinearConv and MatMulIntegerToFloat replace FP32 Conv/MatMul at ~4x "
               "lower cost; what is left is FP32 attention (activation x activation MatMul, Softmax), the "
               "NCHW<->NHWC Transposes around QLinearConv, and Q/DQ at the edges of the fused regions. "
-              "Quantizing the attention matmuls and keeping NHWC between consecutive convs would close more.",
-              "- SD-1.5 batch 32 is not measured: one batch-8 call of this 860 M-parameter UNet takes ~15 s on "
-              "2 cores, so 20 calls x 4 variants at batch 32 did not fit the session.", ""]
+              "Quantizing the attention matmuls and keeping NHWC between consecutive convs would close more."),
+              ("- SD-1.5 batch 32 is not measured: one batch-8 call of this 860 M-parameter UNet takes ~15 s on "
+              "2 cores, so 20 calls x 4 variants at batch 32 did not fit the session."), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out.with_suffix('.md')}")
