@@ -4,6 +4,7 @@ Usage (defaults = the full table):
   python benchmarks/quality.py [--n 500] [--methods minmax,percentile,mse,brecq,sa-ptq]
       [--bits w8a8,w4a8,w4a4] [--samplers ddim,dpm-solver-2,dpmpp-2m] [--steps 5,10,20]
       [--iters 300] [--calib-steps 10] [--spacing quadratic]
+  (methods also: sa-qlora, qlora-mse -- trained from calibration/digits_<bits>_<method>.toml into runs/qlora/)
 
 Every sampler runs on the same time-quadratic grid as the calibration data (so a quantized DDIM
 step and the FP DPM-Solver-2 step share their outer points). Per row: digit-FID, IS, accuracy,
@@ -34,6 +35,8 @@ def calibrated(method: str, bits: str, args) -> tuple[Path, float]:
     from saq_deploy.calibrate.recipe import load_recipe
     from saq_deploy.calibrate.run import calibrate
 
+    if method in ("sa-qlora", "qlora-mse"):
+        return qlora_artifact(method, bits, args)
     out = ROOT / "runs/quality" / f"{bits}-{method}-s{args.calib_steps}-i{args.iters}"
     base = method if method in ("brecq", "sa-ptq") else "minmax"  # observer-only methods share a recipe
     recipe_file = ROOT / "calibration" / f"digits_{bits}_{base}.toml"
@@ -41,6 +44,27 @@ def calibrated(method: str, bits: str, args) -> tuple[Path, float]:
         "calibration.method": method, "calibration.steps": args.calib_steps,
         "calibration.spacing": args.spacing, "reconstruction.iters": args.iters})
     if (out / "recipe.json").exists() and json.loads((out / "recipe.json").read_text()) == recipe.to_dict():
+        return out, json.loads((out / "manifest.json").read_text())["wall_time_s"]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    calibrate(recipe, out)
+    return out, time.perf_counter() - t0
+
+
+def qlora_artifact(method: str, bits: str, args) -> tuple[Path, float]:
+    """QLoRA methods train from their committed recipe into runs/qlora/ (re-used when it matches, e.g.
+    after `saq-deploy calibrate -c calibration/digits_<bits>_<method>.toml -o runs/qlora/digits_<bits>_<method>`)."""
+    from saq_deploy.calibrate.recipe import load_recipe
+    from saq_deploy.calibrate.run import calibrate
+
+    out = ROOT / "runs/qlora" / f"digits_{bits}_{method}"
+    recipe = load_recipe(ROOT / "calibration" / f"digits_{bits}_{method}.toml").with_overrides({
+        "calibration.steps": args.calib_steps, "calibration.spacing": args.spacing})
+    if (out / "recipe.json").exists() and \
+            json.loads((out / "recipe.json").read_text()) == json.loads(json.dumps(recipe.to_dict())):
         return out, json.loads((out / "manifest.json").read_text())["wall_time_s"]
     if out.exists():
         import shutil

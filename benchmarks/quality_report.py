@@ -66,6 +66,46 @@ def _targets(rows) -> list[str]:
     if total:
         out.append(f"- MOTA: quantized DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N than brecq's — "
                    f"**{'met' if met == total else 'not met'}** in {met}/{total} bits×steps settings.")
+    out += _qlora_targets(rows, idx, configs, fid)
+    return out
+
+
+def _qlora_targets(rows, idx, configs, fid) -> list[str]:
+    """Issue 7 (SA-QLoRA): W4A8 ΔFID ≤ ½ best baseline's; W4A4 FID ≤ 2× FP with accuracy ≥ 90 %."""
+    out = []
+    met = total = 0
+    for cfg in configs:  # every other method at W4A8 is a baseline, the plain-MSE QLoRA included
+        fp, sa = fid("fp32", "fp32", cfg), fid("sa-qlora", "w4a8", cfg)
+        base = [r["digit_fid"] for r in rows if r["bits"] == "w4a8" and r["method"] != "sa-qlora"
+                and (r["sampler"], r["steps"]) == cfg]
+        if fp is None or sa is None or not base:
+            continue
+        total += 1
+        met += (sa - fp) <= 0.5 * (min(base) - fp)
+    if total:
+        out.append(f"- W4A8: sa-qlora ΔFID ≤ ½ best baseline ΔFID — **{'met' if met == total else 'not met'}** "
+                   f"in {met}/{total} sampler×steps settings.")
+    met = total = 0
+    for cfg in configs:
+        fp, r = fid("fp32", "fp32", cfg), idx.get(("sa-qlora", "w4a4", *cfg))
+        if fp is None or r is None:
+            continue
+        total += 1
+        met += r["digit_fid"] <= 2 * fp and r.get("accuracy", 0.0) >= 0.9
+    if total:
+        out.append(f"- W4A4: sa-qlora digit-FID ≤ 2× FP and accuracy ≥ 90 % — **{'met' if met == total else 'not met'}** "
+                   f"in {met}/{total} sampler×steps settings.")
+    met = total = 0
+    for bits in ("w4a8", "w4a4"):
+        for steps in sorted({r["steps"] for r in rows}):
+            sa, mse = idx.get(("sa-qlora", bits, "ddim", steps)), idx.get(("qlora-mse", bits, "ddim", steps))
+            if sa is None or mse is None or "mse_to_fp_dpm2" not in sa:
+                continue
+            total += 1
+            met += sa["mse_to_fp_dpm2"] < mse["mse_to_fp_dpm2"]
+    if total:
+        out.append(f"- MOTA (QLoRA): sa-qlora DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N than qlora-mse's — "
+                   f"**{'met' if met == total else 'not met'}** in {met}/{total} bits×steps settings.")
     return out
 
 
@@ -77,7 +117,9 @@ def render(meta: dict, rows: list[dict]) -> str:
              (f"{meta['n']} samples per row (labels cycling 0–9, seeds from {meta['seed']}, disjoint from the "
               f"calibration seeds), CFG {meta['cfg']}, every sampler on the `{meta['spacing']}` grid; artifacts "
               f"calibrated on {meta['calib_steps']}-step DPM-Solver-2 trajectories, {meta['iters']} "
-              "reconstruction iterations per block (brecq, sa-ptq)."), "",
+              "reconstruction iterations per block (brecq, sa-ptq); sa-qlora / qlora-mse artifacts from their "
+              "committed recipes (`calibration/digits_<bits>_<method>.toml`), fine-tuning time in "
+              "`benchmarks/quality_findings.md`."), "",
              ("Columns: digit-FID (lower is better), IS, accuracy of the conditioning label, PSNR of final samples "
               "vs the FP model with the same sampler, steps and x_T, and (DDIM rows) MSE of the final samples to "
               "the FP DPM-Solver-2 trajectory with the same N and x_T — the quantity MOTA targets."), "",

@@ -9,13 +9,17 @@ Schema (every key optional; defaults below)::
                       act_observer = "auto"     # brecq/sa-ptq initial act steps: auto (minmax for
                                                 # 8-bit acts, mse for 4-bit) | minmax | percentile | mse
                       attention_matmul = false  # also quantize attention matmul inputs (q, k, v, probs)
-    [calibration]     method = "sa-ptq"        # minmax | percentile | mse | brecq | sa-ptq
+    [calibration]     method = "sa-ptq"        # minmax | percentile | mse | brecq | sa-ptq | sa-qlora | qlora-mse
                       sampler = "dpm-solver-2" # dpm-solver-2 | plms | ddim (data collection)
                       steps = 10, spacing = "quadratic", num_samples = 64, cfg = 1.5, seed = 0
                       orientation = "outer_to_intermediate"   # or intermediate_to_outer (ablation)
     [reconstruction]  iters = 300, batch_size = 32, lr_round = 1e-2, lr_act = 1e-3 (relative),
                       round_weight = 0.01, beta_start = 20.0, beta_end = 2.0, warmup = 0.2,
                       cos_weight = 0.0, max_inputs = 2048
+    [qlora]           (methods sa-qlora / qlora-mse) rank = 32, alpha = 32.0, lr = 4e-4 (LoRA, relative
+                      to each layer's mean weight scale), lr_scale = 1e-4, lr_act = 1e-3 (relative),
+                      epochs = 20, mixstep = [5, 10, 20], cos_weight = 2.0, batch_size = 8,
+                      seed = 3407, teacher = "auto"   # auto | dpm-solver-2 | ddim
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import tomllib
 
 from saq_deploy.errors import ConfigError
 
-METHODS = ("minmax", "percentile", "mse", "brecq", "sa-ptq", "modelopt-int8")
+METHODS = ("minmax", "percentile", "mse", "brecq", "sa-ptq", "modelopt-int8", "sa-qlora", "qlora-mse")
 RECON_METHODS = ("brecq", "sa-ptq")
+QLORA_METHODS = ("sa-qlora", "qlora-mse")  # LoRA fine-tuning: saq_deploy.calibrate.qlora
 BITS = ("w8a8", "w4a8", "w4a4")
 DATA_SAMPLERS = ("dpm-solver-2", "plms", "ddim")
 ORIENTATIONS = ("outer_to_intermediate", "intermediate_to_outer")
@@ -118,14 +123,54 @@ class ReconstructionSection:
 
 
 @dataclass(frozen=True)
+class QLoRASection:
+    """SA-QLoRA / QLoRA-MSE fine-tuning (method doc §5; `saq_deploy.calibrate.qlora`)."""
+
+    rank: int = 32
+    alpha: float = 32.0  # LoRA scaling alpha / rank
+    lr: float = 4e-4  # LoRA factors, times each layer's mean weight scale (the authors: mean step / 2500)
+    lr_scale: float = 1e-4  # weight scales, relative to each layer's mean scale
+    lr_act: float = 1e-3  # activation steps, relative to each quantizer's largest step
+    epochs: int = 20  # one epoch = one fresh teacher pass per mixstep step count
+    mixstep: tuple[int, ...] = (5, 10, 20)  # step counts cycled every epoch (the authors: 100/50/20/10)
+    cos_weight: float = 2.0  # lambda of the (1 - cos) term; the authors' 100 scaled by 256/12288 elements
+    batch_size: int = 8  # x_T per teacher pass (the UNet sees 2x with CFG)
+    seed: int = 3407  # LoRA init and the per-epoch x_T / labels (the authors' 3407 + epoch)
+    teacher: str = "auto"  # FP trajectory: auto = dpm-solver-2 for sa-qlora, ddim for qlora-mse
+
+    def __post_init__(self) -> None:
+        mix = self.mixstep
+        if isinstance(mix, int) or not isinstance(mix, (list, tuple)) or not mix or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in mix):
+            raise ConfigError(f"qlora.mixstep must be a non-empty list of step counts >= 1, got {mix!r}")
+        object.__setattr__(self, "mixstep", tuple(mix))
+        for name in ("rank", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"qlora.{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"qlora.seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("alpha", "lr", "lr_scale", "lr_act", "cos_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"qlora.{name} must be a finite number >= 0, got {v!r}")
+        _choice(self.teacher, ("auto", "dpm-solver-2", "ddim"), "qlora.teacher")
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     quant: QuantSection = field(default_factory=QuantSection)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     reconstruction: ReconstructionSection = field(default_factory=ReconstructionSection)
+    qlora: QLoRASection = field(default_factory=QLoRASection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.calibration.method not in QLORA_METHODS:
+            # other methods ignore [qlora]: leaving it out keeps their recipe.json and hash as before
+            data.pop("qlora")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
@@ -149,7 +194,7 @@ class Recipe:
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         """``{"calibration.method": "brecq", ...}``: dotted keys, None values ignored."""
-        data = self.to_dict()
+        data = dataclasses.asdict(self)
         for key, value in overrides.items():
             if value is None:
                 continue

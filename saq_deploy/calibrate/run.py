@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from saq_deploy.calibrate.recipe import RECON_METHODS, Recipe
+from saq_deploy.calibrate.recipe import QLORA_METHODS, RECON_METHODS, Recipe
 from saq_deploy.calibrate.steps import CKPT_INFO
 from saq_deploy.errors import BackendUnavailableError, ConfigError
 
@@ -44,9 +44,10 @@ def quant_config_for(recipe: Recipe, num_train_timesteps: int):
 
 
 def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
-              max_blocks: int | None = None) -> Path:
+              max_blocks: int | None = None, max_epochs: int | None = None) -> Path:
     """Run the recipe and write the artifact to ``out_dir``. ``max_blocks`` stops (with the
-    checkpoint kept) after that many reconstructed blocks: time-boxed runs and resume tests."""
+    checkpoint kept) after that many reconstructed blocks, ``max_epochs`` after that many QLoRA
+    epochs: time-boxed runs and resume tests."""
     from saq_deploy.calibrate.artifact import save_artifact
     from saq_deploy.models.loading import load_model
 
@@ -76,7 +77,13 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
 
     try:
         ds = collect_or_open(loaded, recipe, work / "data", progress=progress)
-        result = run_pipeline(loaded, recipe, ds, work, rhash, progress=progress, max_blocks=max_blocks)
+        if recipe.calibration.method in QLORA_METHODS:  # LoRA fine-tuning (saq_deploy.calibrate.qlora)
+            from saq_deploy.calibrate.qlora import run_qlora
+
+            qlora = run_qlora(loaded, recipe, ds, work, rhash, progress=progress, max_epochs=max_epochs)
+            result = None if qlora is None else (qlora[0], [], qlora[1])
+        else:
+            result = run_pipeline(loaded, recipe, ds, work, rhash, progress=progress, max_blocks=max_blocks)
     except BaseException:
         if not info_path.exists():  # nothing worth resuming: leave no partial folder behind
             shutil.rmtree(work, ignore_errors=True)
@@ -86,6 +93,12 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     unet, block_losses, qcfg = result
     wall = time.perf_counter() - t0
     manifest = build_manifest(recipe, loaded, ds, qcfg, block_losses, wall)
+    if recipe.calibration.method in QLORA_METHODS:
+        from saq_deploy.calibrate.qlora import DEPLOYMENT_NOTES
+
+        manifest["qlora"] = qlora[2]
+        if recipe.quant.bits in DEPLOYMENT_NOTES:
+            manifest["deployment_note"] = DEPLOYMENT_NOTES[recipe.quant.bits]
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -124,6 +137,11 @@ def render_report(m: dict) -> str:
               f"{m['num_samples']} seeds from {m['seed']}, CFG {m['cfg']}"),
              f"- calibrated for: {', '.join(m['calibrated_for']['samplers'])} at {m['steps']} steps",
              f"- wall time: {m['wall_time_s']:.1f} s on {m['machine']}", ""]
+    if m.get("qlora"):
+        from saq_deploy.calibrate.qlora import report_lines
+
+        lines += report_lines(m["qlora"]) + ([f"- deployment: {m['deployment_note']}", ""]
+                                             if m.get("deployment_note") else [])
     if m["block_losses"]:
         lines += ["| block | loss before | loss after |", "|---|---|---|"]
         lines += [f"| {b['block']} | {b['loss_before']:.4g} | {b['loss_after']:.4g} |" for b in m["block_losses"]]

@@ -22,6 +22,8 @@ class Method(str, Enum):
     brecq = "brecq"
     sa_ptq = "sa-ptq"
     modelopt_int8 = "modelopt-int8"
+    sa_qlora = "sa-qlora"
+    qlora_mse = "qlora-mse"
 
 
 class DataSampler(str, Enum):
@@ -41,8 +43,10 @@ def calibrate_cmd(
     iters: Annotated[int | None, typer.Option("--iters", help="Override [reconstruction].iters (per block).")] = None,
     num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", help="Override [calibration].num_samples (seeds).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override [calibration].seed.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override [qlora].epochs (sa-qlora, qlora-mse).")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="Override [qlora].rank (LoRA rank).")] = None,
 ) -> None:
-    """Calibrate a UNet (SA-PTQ with the MOTA target, or a baseline). Re-run after a kill to resume."""
+    """Calibrate a UNet (SA-PTQ / SA-QLoRA with the MOTA target, or a baseline). Re-run after a kill to resume."""
     from saq_deploy.calibrate.recipe import load_recipe
     from saq_deploy.calibrate.run import calibrate
 
@@ -51,6 +55,7 @@ def calibrate_cmd(
         "calibration.method": method.value if method else None,
         "calibration.sampler": sampler.value if sampler else None, "calibration.steps": steps,
         "calibration.num_samples": num_samples, "calibration.seed": seed, "reconstruction.iters": iters,
+        "qlora.epochs": epochs, "qlora.rank": rank,
     })
     out = calibrate(r, output, progress=True)
     typer.echo(f"wrote {out} ({r.calibration.method}, {r.quant.bits})")

@@ -199,14 +199,20 @@ class _QuantMixin:
         if self.act_quant is not None:
             self.act_quant.to(self.weight.device)
 
+    def effective_weight(self) -> Tensor:
+        """The weight the quantizer sees: the FP weight, plus the low-rank delta while a LoRA is
+        attached (SA-QLoRA's W_q = Q(W + B·A), see `saq_deploy.quant.lora`)."""
+        lora = self._modules.get("lora")
+        return self.weight if lora is None else self.weight + lora.delta()
+
     def _quant_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.act_quant is not None:
             x = self.act_quant(x)
-        return x, self.weight_quant(self.weight)
+        return x, self.weight_quant(self.effective_weight())
 
     def int_weight(self) -> Tensor:
         """The int8-stored integer weight (the source of truth after calibration)."""
-        return self.weight_quant.int_weight(self.weight)
+        return self.weight_quant.int_weight(self.effective_weight())
 
     def fp_weight(self) -> Tensor:
         """The FP weight (never modified by quantization)."""

@@ -5,7 +5,10 @@ quantized layer `name` the state holds
 
 - `{name}.weight_int`   int8, the weight's shape (4-bit codes lie in [-8, 7]);
 - `{name}.weight_scale` float32, (out, 1, 1, 1) / (out, 1) per channel, (out, in // block) per block;
-- `{name}.act_step`     float32, (timestep_groups,), only for an initialized activation quantizer.
+- `{name}.act_step`     float32, (timestep_groups,), only for an initialized activation quantizer;
+- `{name}.weight_fp`    float32, the weight's shape, only for a layer whose FP weight was changed
+                        by calibration (SA-QLoRA merges LoRA into it, `lora_merged`): the weight the
+                        codes were rounded from. Optional; states without it load as before.
 
 With `attention_matmul`, per quantized diffusers Attention module `attn` the state also holds
 `{attn}.{q,k,v,p}_quant.act_step` (initialized quantizers only) and the specs an entry
@@ -51,6 +54,8 @@ def quant_state_dict(model: nn.Module) -> dict[str, Tensor]:
         act = layer.act_quant
         if act is not None and act.initialized:
             state[f"{name}.act_step"] = act.step.detach().float().cpu().contiguous().clone()
+        if getattr(layer, "lora_merged", False):
+            state[f"{name}.weight_fp"] = layer.weight.detach().float().cpu().contiguous().clone()
     for name, attn in attention_quant_modules(model).items():
         for qn in ATTN_QUANTIZERS:
             act = getattr(attn, qn)
@@ -143,6 +148,10 @@ def _check_entries(name: str, weight_shape: torch.Size, spec: LayerSpec, state: 
         raise ConfigError(f"{name}.weight_scale must be positive with shape {expected}, got {tuple(scale.shape)}")
     if spec.act_bits is None and f"{name}.act_step" in state:
         raise ConfigError(f"layer {name!r} has an act_step but its spec has no activation quantizer")
+    merged = state.get(f"{name}.weight_fp")
+    if merged is not None and (tuple(merged.shape) != tuple(weight_shape) or not bool(torch.isfinite(merged).all())):
+        raise ConfigError(f"{name}.weight_fp must be finite with the layer's weight shape {tuple(weight_shape)}, "
+                          f"got {tuple(merged.shape)}")
     step = state.get(f"{name}.act_step")
     if step is not None and (step.numel() != spec.act_groups or not bool((step > 0).all())):
         raise ConfigError(f"{name}.act_step must hold {spec.act_groups} positive steps, got shape {tuple(step.shape)}")
@@ -156,7 +165,8 @@ def load_quant_state(model: nn.Module, config: QuantConfig, state: Mapping[str, 
     Exactly the layers in `specs` are swapped (so an earlier `filter_fn` needs no repeating); each
     must agree with `config`. Each weight quantizer gets the stored codes ("hard" mode: dequant =
     weight_int * scale), so forward outputs equal the calibrated model's bit for bit; the FP
-    weights stay as loaded (needed to resume AdaRound, or to compare with quantization off).
+    weights stay as loaded (needed to resume AdaRound, or to compare with quantization off),
+    except where the state has a `weight_fp` (merged LoRA), which replaces the layer's weight.
     With `config.attention_matmul` the Attention modules' matmul quantizers and processors are
     re-installed with their stored steps.
     """
@@ -177,6 +187,10 @@ def load_quant_state(model: nn.Module, config: QuantConfig, state: Mapping[str, 
                 q.set_step(state[f"{name}.{qn}.act_step"])
     layers = _apply(plan, model, "minmax")  # placeholder scales, overwritten below
     for name, layer in layers.items():
+        if f"{name}.weight_fp" in state:  # calibration changed the FP weight (merged LoRA)
+            layer.weight = nn.Parameter(state[f"{name}.weight_fp"].to(layer.weight).clone(),
+                                        requires_grad=layer.weight.requires_grad)
+            layer.lora_merged = True
         layer.weight_quant.scale.copy_(state[f"{name}.weight_scale"])
         layer.weight_quant.set_codes(state[f"{name}.weight_int"])
         step_key = f"{name}.act_step"
