@@ -106,6 +106,11 @@ def bench_cmd(
     calls: Annotated[int, typer.Option("--calls", help="Timed calls per variant (after 3 warm-up calls).")] = 20,
 ) -> None:
     """Median latency per UNet call: engine vs PyTorch FP32 vs ONNX Runtime FP32, side by side."""
+    import os
+
+    # sleeping (not spinning) OpenMP threads: torch and ORT calls alternate here, and spinning
+    # threads thrash when anything else shares the cores (set before torch loads libgomp)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from saq_deploy.validate.bench import bench_engine
 
     r = bench_engine(artifact, backend.value, engine, batch=batch, calls=calls)
