@@ -2,8 +2,9 @@
 
 The quantized UNet gets a LoRA on every main-spec Conv/Linear (W_q = Q(W + B·A), see
 `saq_deploy.quant.lora`); keep_8bit layers (conv_in, conv_out, time embedding, ...) stay 8-bit
-without LoRA. Trained: LoRA factors, weight scales and activation steps (one per timestep group
-when `quant.act_timestep_groups` > 1), with LSQ gradients; everything else is frozen.
+without LoRA and with their PTQ scales. Trained: LoRA factors, weight scales and activation steps
+of the main-spec layers (one step per timestep group when `quant.act_timestep_groups` > 1), with
+LSQ gradients; everything else is frozen.
 
 One epoch = one fresh teacher pass per step count N of `qlora.mixstep` (the authors' "mixstep":
 the quantized N-step first-order sampler learns to imitate the FP teacher at several N). A pass
@@ -146,7 +147,13 @@ def _prepare(loaded, recipe: Recipe, ds, qcfg):
     q = recipe.qlora
     names = [n for n in quant_layers(unet) if qcfg.rule_for(n) == "main"]
     attach_lora_(unet, names, q.rank, q.alpha, q.seed)
-    return unet.eval(), names, trainable_parameters(unet)
+    # keep_8bit layers (conv_in, conv_out, time embedding, shortcuts) keep their PTQ scales and
+    # steps untrained, as SA-PTQ's stand-alone layers do. conv_in's input is the noisy image
+    # itself: a trained (shrunk) LSQ step there clipped the rare |x_T| > 3.5 values seen at
+    # batch 8, the eps at t = 999 saturated, and x0 = (x - sigma eps) / alpha with alpha ~ 0.006
+    # blew the error up 150x -- every sample collapsed (digit-FID > 1,000) while the loss fell.
+    frozen = [n for n in quant_layers(unet) if qcfg.rule_for(n) != "main"]
+    return unet.eval(), names, trainable_parameters(unet, frozen)
 
 
 def _optimizer(unet: nn.Module, params: dict[str, nn.Parameter], recipe: Recipe, total_steps: int):

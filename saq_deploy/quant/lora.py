@@ -21,6 +21,7 @@ training time, covers strided / grouped convs unchanged, and merges by a reshape
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -80,17 +81,22 @@ def set_scale_trainable_(wq: WeightQuantizer, trainable: bool) -> None:
         wq.register_buffer("scale", scale.detach().clone())
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module, frozen_layers: Iterable[str] = ()) -> dict[str, nn.Parameter]:
     """Freeze every parameter of ``model``, then enable exactly the QLoRA ones: LoRA factors,
-    weight scales (made Parameters) and initialized activation steps. Returns them by name."""
+    weight scales (made Parameters) and initialized activation steps. The quantizers of the
+    layers named in ``frozen_layers`` stay as they are (SA-QLoRA: the keep_8bit layers). Returns
+    the trainable parameters by name."""
+    frozen = {f"{n}.{q}" for n in frozen_layers for q in ("weight_quant", "act_quant")}
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, WeightQuantizer):
+    for name, m in model.named_modules():
+        if isinstance(m, WeightQuantizer) and name not in frozen:
             set_scale_trainable_(m, True)
     params: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if name in frozen:
+            continue
         if isinstance(module, LoRA):
             params[prefix + "down"], params[prefix + "up"] = module.down, module.up
         elif isinstance(module, WeightQuantizer):

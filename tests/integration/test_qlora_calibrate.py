@@ -95,3 +95,15 @@ def test_cli_sa_qlora_w4a4(model_dir, tmp_path, capsys):
     m = json.loads((out / "manifest.json").read_text())
     assert m["bits"] == "w4a4" and m["qlora"]["rank"] == 2 and m["qlora"]["epochs"] == 1
     assert "ONNX Runtime only" in m["deployment_note"] and "TensorRT" in m["deployment_note"]
+
+
+def test_keep_8bit_layers_keep_their_ptq_quantizers(model_dir, tmp_path):
+    """conv_in / conv_out / time MLP: no LoRA and no trained steps (a shrunk conv_in step clips x_T)."""
+    calibrate(tiny(model_dir, **{"qlora.lr_act": 0.05, "qlora.lr_scale": 0.05}), tmp_path / "q")
+    calibrate(tiny(model_dir, method="minmax"), tmp_path / "m")  # same data, same 8-bit observers
+    q, m = (load_file(str(tmp_path / n / "calibrated.safetensors")) for n in ("q", "m"))
+    for layer in ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"):
+        for key in ("act_step", "weight_scale", "weight_int"):
+            assert torch.equal(q[f"{layer}.{key}"], m[f"{layer}.{key}"]), f"{layer}.{key}"
+    trained = [k for k in q if k.endswith(".act_step") and not torch.equal(q[k], m[k])]
+    assert trained  # the 4-bit layers' steps did move

@@ -101,10 +101,13 @@ def test_conv_lora_is_the_kxk_then_1x1_pair():
 def test_gradients_reach_lora_scales_and_steps_only():
     unet, names = _quantized()
     fp_weights = {n: p.detach().clone() for n, p in unet.named_parameters() if ".lora." not in n}
-    params = trainable_parameters(unet)
+    eight_bit = [n for n in quant_layers(unet) if CFG.rule_for(n) != "main"]  # conv_in, conv_out, time MLP, ...
+    params = trainable_parameters(unet, eight_bit)
     kinds = {n.rsplit(".", 1)[-1] for n in params}
     assert kinds == {"down", "up", "scale", "step"}
     assert sum(n.endswith(".up") for n in params) == len(names)
+    assert {n.rsplit(".", 2)[0] for n in params} == set(names)  # keep_8bit quantizers stay at their PTQ values
+    assert "conv_in.act_quant.step" in dict(unet.named_parameters()) and "conv_in.weight_quant.scale" not in params
     x, t, y = _inputs(2)
     eps = student_eps(unet, x, float(t[0]), y, 10, 1.5, 1, T)
     loss, _, _ = qlora_loss(eps, torch.zeros_like(eps), 2.0)
@@ -146,7 +149,7 @@ def test_mota_pairing_matches_method_doc_on_toy_schedule():
     x = x0.float()
     for i, (xs, ts, target) in enumerate(pairs):
         t_prev, t_next = grid[i], grid[i + 1]
-        lam = lambda t: math.log(sched.coeffs(t)[0] / sched.coeffs(t)[1])  # noqa: E731
+        lam = lambda t: math.log(sched.coeffs(t)[0] / sched.coeffs(t)[1])
         h = lam(t_next) - lam(t_prev)
         s = float(sched.t_from_lam(torch.tensor(lam(t_prev) + h / 2, dtype=torch.float64)))
         (a_p, _, _), (a_s, sig_s, _), (a_n, sig_n, _) = sched.coeffs(t_prev), sched.coeffs(s), sched.coeffs(t_next)
