@@ -39,12 +39,18 @@ def export_cmd(
 ) -> None:
     """Export the calibrated model as Q/DQ ONNX into <artifact>/onnx/<target>/."""
     from saq_deploy.errors import ConfigError
-    from saq_deploy.export.api import export_artifact
+    from saq_deploy.export.api import default_targets, export_artifact
     from saq_deploy.export.qdq import TARGETS
 
     if calib_samples < 1:
         raise ConfigError(f"--calib-samples must be >= 1, got {calib_samples}")
-    targets = tuple(t.value for t in target) if target else TARGETS
+    if target:
+        targets = tuple(t.value for t in target)
+    else:
+        targets = default_targets(artifact)
+        if len(targets) < len(TARGETS):
+            typer.echo("note: 4-bit activations are not a TensorRT mode; exporting the onnxruntime-cpu placement only",
+                       err=True)
     for t, folder in export_artifact(artifact, targets, n_calib=calib_samples).items():
         typer.echo(f"wrote {folder}/ ({t})")
 

@@ -93,6 +93,19 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return fp16
 
 
+def has_4bit_activations(manifest: dict) -> bool:
+    act = manifest["quant_config"]["act"]
+    return act.get("bits") == 4 and act.get("enabled", True)
+
+
+def default_targets(artifact: str | Path) -> tuple[str, ...]:
+    """Every placement the artifact can go to: W4A4 (4-bit activations) is ONNX Runtime only."""
+    from saq_deploy.calibrate.artifact import read_manifest
+
+    manifest = read_manifest(Path(artifact))
+    return tuple(t for t in TARGETS if not (t == "tensorrt" and has_4bit_activations(manifest)))
+
+
 def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *, n_calib: int = 8,
                     steps: int = 10, seed: int = 0, fp16: bool = True) -> dict[str, Path]:
     """Export every target into ``<artifact>/onnx/<target>/``; returns target -> folder."""
@@ -108,8 +121,7 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
     q = load_artifact(artifact)
     if q.loaded.kind == "text":
         raise ConfigError("export from artifacts supports class-conditional and unconditional UNets")
-    if "tensorrt" in targets and q.manifest["quant_config"]["act"].get("bits") == 4 \
-            and q.manifest["quant_config"]["act"].get("enabled", True):
+    if "tensorrt" in targets and has_4bit_activations(q.manifest):
         raise ConfigError("W4A4 has 4-bit activations, which TensorRT cannot run (its INT4 is weight-only): "
                           "export with --target onnxruntime-cpu")
     plan = build_plan(q.loaded.unet)

@@ -43,6 +43,16 @@ def w4a8(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def qlora_w4a8(tmp_path_factory):
+    """A (very short) SA-QLoRA fine-tune: merged LoRA weights must reach the exported integer codes."""
+    out = tmp_path_factory.mktemp("exp") / "qlora"
+    calibrate(tiny(method="sa-qlora", bits="w4a8", **DATA, **{"qlora.epochs": 1, "qlora.mixstep": (2, 3),
+                                                              "qlora.batch_size": 4, "qlora.rank": 4}), out)
+    export_artifact(out)
+    return out
+
+
 def _inputs(b=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, 1, 16, 16, generator=g), torch.linspace(5.0, 990.0, b),
@@ -118,13 +128,16 @@ def test_own_exports_lint_clean(w8a8, w4a8):
         assert all(i.rule == "conv-not-fused" and "conv_out" in i.node for i in cpu if i.severity == "warning")
 
 
-def test_weight_only_graph_equals_fake_quant(w8a8):
+@pytest.mark.parametrize("fixture", ["w8a8", "qlora_w4a8"])
+def test_weight_only_graph_equals_fake_quant(fixture, request):
     """Weights are integers times scales in both: with activations off, ORT and torch agree exactly
-    up to float summation order (catches transposed / mis-scaled weights)."""
+    up to float summation order (catches transposed / mis-scaled weights, and for QLoRA a graph
+    carrying the source weights instead of the LoRA-merged codes)."""
     from saq_deploy.export.plan import build_plan
     from saq_deploy.export.qdq import insert_layer_qdq
     from saq_deploy.export.torch_export import export_unet_onnx
 
+    w8a8 = request.getfixturevalue(fixture)
     q = load_artifact(w8a8)
     plan = build_plan(q.loaded.unet)
     for lq in plan:
@@ -208,7 +221,7 @@ def _run_cli(args, capsys):
     return e.value.code, out.out, out.err
 
 
-@pytest.mark.parametrize("fixture", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("fixture", ["w8a8", "w4a8", "qlora_w4a8"])
 def test_validate_gate_passes_and_reports(fixture, request, capsys):
     art = request.getfixturevalue(fixture)
     build_engine(art, "onnxruntime")
@@ -254,3 +267,19 @@ def test_sample_through_engine_cli(w8a8, tmp_path, capsys):
     assert code == 0 and png.stat().st_size > 500
     meta = json.loads(png.with_suffix(".json").read_text())
     assert meta["calibrated_artifact"]["backend"] == "onnxruntime"
+
+
+def test_w4a4_exports_onnxruntime_only(tmp_path, capsys):
+    """4-bit activations are no TensorRT mode: an explicit tensorrt target is refused with one line and
+    no folder; the default exports what can be deployed and says what it skipped."""
+    art = tmp_path / "w4a4"
+    calibrate(tiny(method="minmax", bits="w4a4"), art)
+    code, out, err = _run_cli(["export", str(art), "--target", "tensorrt"], capsys)
+    assert code == 1 and "TensorRT cannot run" in err and "--target onnxruntime-cpu" in err
+    assert not (art / "onnx" / "tensorrt").exists()
+    code, out, err = _run_cli(["export", str(art)], capsys)
+    assert code == 0, err
+    assert "onnxruntime-cpu placement only" in err
+    assert sorted(p.name for p in (art / "onnx").iterdir() if not p.name.startswith(".")) == ["onnxruntime-cpu"]
+    assert not [i for i in lint_model(art / "onnx" / "onnxruntime-cpu" / "model.onnx", "onnxruntime-cpu")
+                if i.severity == "error"]
