@@ -19,7 +19,8 @@ Schema (every key optional; defaults below)::
     [qlora]           (methods sa-qlora / qlora-mse) rank = 32, alpha = 32.0, lr = 4e-4 (LoRA, relative
                       to each layer's mean weight scale), lr_scale = 1e-4, lr_act = 1e-3 (relative),
                       epochs = 20, mixstep = [5, 10, 20], cos_weight = 2.0, batch_size = 8,
-                      seed = 3407, teacher = "auto"   # auto | dpm-solver-2 | ddim
+                      seed = 3407, teacher = "auto",  # auto | dpm-solver-2 | ddim
+                      step_weight = "uniform"         # uniform | state (x max(1, DDIM eps gain^2))
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class QLoRASection:
     batch_size: int = 8  # x_T per teacher pass (the UNet sees 2x with CFG)
     seed: int = 3407  # LoRA init and the per-epoch x_T / labels (the authors' 3407 + epoch)
     teacher: str = "auto"  # FP trajectory: auto = dpm-solver-2 for sa-qlora, ddim for qlora-mse
+    step_weight: str = "uniform"  # uniform (the authors) | state: weight each step by the sampler's eps gain
 
     def __post_init__(self) -> None:
         mix = self.mixstep
@@ -155,6 +157,7 @@ class QLoRASection:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"qlora.{name} must be a finite number >= 0, got {v!r}")
         _choice(self.teacher, ("auto", "dpm-solver-2", "ddim"), "qlora.teacher")
+        _choice(self.step_weight, ("uniform", "state"), "qlora.step_weight")
 
 
 @dataclass(frozen=True)

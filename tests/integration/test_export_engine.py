@@ -274,10 +274,10 @@ def test_w4a4_exports_onnxruntime_only(tmp_path, capsys):
     no folder; the default exports what can be deployed and says what it skipped."""
     art = tmp_path / "w4a4"
     calibrate(tiny(method="minmax", bits="w4a4"), art)
-    code, out, err = _run_cli(["export", str(art), "--target", "tensorrt"], capsys)
+    code, _out, err = _run_cli(["export", str(art), "--target", "tensorrt"], capsys)
     assert code == 1 and "TensorRT cannot run" in err and "--target onnxruntime-cpu" in err
     assert not (art / "onnx" / "tensorrt").exists()
-    code, out, err = _run_cli(["export", str(art)], capsys)
+    code, _out, err = _run_cli(["export", str(art)], capsys)
     assert code == 0, err
     assert "onnxruntime-cpu placement only" in err
     assert sorted(p.name for p in (art / "onnx").iterdir() if not p.name.startswith(".")) == ["onnxruntime-cpu"]

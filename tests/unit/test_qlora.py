@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saq_deploy.calibrate.qlora import epoch_batch, qlora_loss, student_eps, teacher_pairs
+from saq_deploy.calibrate.qlora import epoch_batch, qlora_loss, step_weights, student_eps, teacher_pairs
 from saq_deploy.calibrate.recipe import QLoRASection, Recipe
 from saq_deploy.calibrate.trajectory import outer_grid
 from saq_deploy.errors import ConfigError
@@ -178,6 +178,26 @@ def test_same_point_pairing_follows_fp_ddim():
         assert torch.allclose(target, eps, atol=1e-5)
         (a_s, s_s, _), (a_t, s_t, _) = sched.coeffs(grid[i]), sched.coeffs(grid[i + 1])
         x = (a_t / a_s) * x - (a_t * s_s / a_s - s_t) * eps
+
+
+def test_state_step_weights_are_diffusers_ddim_eps_gain():
+    """``state`` weights = max(1, (d x_next / d eps)^2) of a DDIM step; the gain is measured on
+    diffusers' DDIMScheduler.step (the oracle), perturbing eps by a constant."""
+    from diffusers import DDIMScheduler
+
+    ds = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    ds.set_timesteps(10)  # 900, 800, ..., 0
+    sched = VPSchedule.from_diffusers(ds)
+    ts = [int(v) for v in ds.timesteps]
+    grid = torch.tensor(ts, dtype=torch.float32)
+    w = step_weights(sched, grid, "state")
+    assert step_weights(sched, grid, "uniform") == [1.0] * (len(ts) - 1)
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn_like(x)
+    for i, t in enumerate(ts[:-1]):
+        gain = (ds.step(eps + 1e-3, t, x).prev_sample - ds.step(eps, t, x).prev_sample).mean() / 1e-3
+        assert w[i] == pytest.approx(max(1.0, float(gain) ** 2), rel=1e-3)
+    assert w[0] == max(w) > 1.5 and w[-1] == 1.0  # the first (t = 900) step dominates; late steps keep 1
 
 
 def test_loss_terms():
