@@ -32,37 +32,29 @@ from quality_report import render
 
 
 def calibrated(method: str, bits: str, args) -> tuple[Path, float]:
-    from saq_deploy.calibrate.recipe import load_recipe
-    from saq_deploy.calibrate.run import calibrate
+    """The artifact for (method, bits), calibrated once and re-used while its recipe matches.
 
+    QLoRA methods train from their committed recipe into runs/qlora/ (so an artifact made with
+    `saq-deploy calibrate -c calibration/digits_<bits>_<method>.toml -o runs/qlora/digits_<bits>_<method>`
+    is picked up); the others share calibration/digits_<bits>_<base>.toml with this run's overrides."""
+    from saq_deploy.calibrate.recipe import load_recipe
+
+    overrides = {"calibration.steps": args.calib_steps, "calibration.spacing": args.spacing}
     if method in ("sa-qlora", "qlora-mse"):
-        return qlora_artifact(method, bits, args)
-    out = ROOT / "runs/quality" / f"{bits}-{method}-s{args.calib_steps}-i{args.iters}"
-    base = method if method in ("brecq", "sa-ptq") else "minmax"  # observer-only methods share a recipe
-    recipe_file = ROOT / "calibration" / f"digits_{bits}_{base}.toml"
-    recipe = load_recipe(recipe_file).with_overrides({
-        "calibration.method": method, "calibration.steps": args.calib_steps,
-        "calibration.spacing": args.spacing, "reconstruction.iters": args.iters})
-    if (out / "recipe.json").exists() and json.loads((out / "recipe.json").read_text()) == recipe.to_dict():
-        return out, json.loads((out / "manifest.json").read_text())["wall_time_s"]
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    calibrate(recipe, out)
-    return out, time.perf_counter() - t0
+        out = ROOT / "runs/qlora" / f"digits_{bits}_{method}"
+        recipe = load_recipe(ROOT / "calibration" / f"digits_{bits}_{method}.toml").with_overrides(overrides)
+    else:
+        out = ROOT / "runs/quality" / f"{bits}-{method}-s{args.calib_steps}-i{args.iters}"
+        base = method if method in ("brecq", "sa-ptq") else "minmax"  # observer-only methods share a recipe
+        recipe = load_recipe(ROOT / "calibration" / f"digits_{bits}_{base}.toml").with_overrides({
+            **overrides, "calibration.method": method, "reconstruction.iters": args.iters})
+    return _cached_calibration(recipe, out)
 
 
-def qlora_artifact(method: str, bits: str, args) -> tuple[Path, float]:
-    """QLoRA methods train from their committed recipe into runs/qlora/ (re-used when it matches, e.g.
-    after `saq-deploy calibrate -c calibration/digits_<bits>_<method>.toml -o runs/qlora/digits_<bits>_<method>`)."""
-    from saq_deploy.calibrate.recipe import load_recipe
+def _cached_calibration(recipe, out: Path) -> tuple[Path, float]:
     from saq_deploy.calibrate.run import calibrate
 
-    out = ROOT / "runs/qlora" / f"digits_{bits}_{method}"
-    recipe = load_recipe(ROOT / "calibration" / f"digits_{bits}_{method}.toml").with_overrides({
-        "calibration.steps": args.calib_steps, "calibration.spacing": args.spacing})
+    # compare as JSON: recipe.json holds lists where the recipe holds tuples
     if (out / "recipe.json").exists() and \
             json.loads((out / "recipe.json").read_text()) == json.loads(json.dumps(recipe.to_dict())):
         return out, json.loads((out / "manifest.json").read_text())["wall_time_s"]

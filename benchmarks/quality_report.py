@@ -21,92 +21,68 @@ def _index(rows):
     return {(r["method"], r["bits"], r["sampler"], r["steps"]): r for r in rows}
 
 
+def _verdict(claim: str, checks: list[bool], unit: str) -> list[str]:
+    """One target line, met only when every measured setting meets it (nothing measured: no line)."""
+    if not checks:
+        return []
+    met = sum(checks)
+    return [f"- {claim} — **{'met' if met == len(checks) else 'not met'}** in {met}/{len(checks)} {unit}."]
+
+
+def _closer_to_dpm2(idx, rows, method: str, other: str, bits_list) -> list[bool]:
+    """Per bits x steps: are ``method``'s DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N?"""
+    checks = []
+    for bits in bits_list:
+        for steps in sorted({r["steps"] for r in rows}):
+            a, b = idx.get((method, bits, "ddim", steps)), idx.get((other, bits, "ddim", steps))
+            if a is not None and b is not None and "mse_to_fp_dpm2" in a:
+                checks.append(a["mse_to_fp_dpm2"] < b["mse_to_fp_dpm2"])
+    return checks
+
+
 def _targets(rows) -> list[str]:
     idx = _index(rows)
     configs = sorted({(r["sampler"], r["steps"]) for r in rows if r["method"] == "fp32"})
-    out = []
 
     def fid(method, bits, cfg):
         r = idx.get((method, bits, *cfg))
         return None if r is None else r["digit_fid"]
 
-    # 1. W8A8: sa-ptq dFID <= 1/2 of the best baseline's dFID
-    met = total = 0
-    for cfg in configs:
-        fp, sa = fid("fp32", "fp32", cfg), fid("sa-ptq", "w8a8", cfg)
-        base = [fid(m, "w8a8", cfg) for m in BASELINES if fid(m, "w8a8", cfg) is not None]
-        if fp is None or sa is None or not base:
-            continue
-        total += 1
-        best = min(b - fp for b in base)
-        met += (sa - fp) <= 0.5 * best
-    if total:
-        out.append(f"- W8A8: sa-ptq ΔFID ≤ ½ best baseline ΔFID — **{'met' if met == total else 'not met'}** "
-                   f"in {met}/{total} sampler×steps settings.")
-    # 2. W4A8: sa-ptq beats brecq and minmax
-    met = total = 0
+    def half_best_delta(method, bits, baselines):
+        """Per sampler x steps: method's dFID <= 1/2 of the best baseline's dFID."""
+        checks = []
+        for cfg in configs:
+            fp, q = fid("fp32", "fp32", cfg), fid(method, bits, cfg)
+            base = [v for m in baselines if m != method and (v := fid(m, bits, cfg)) is not None]
+            if fp is not None and q is not None and base:
+                checks.append((q - fp) <= 0.5 * (min(base) - fp))
+        return checks
+
+    w4a8_sa_ptq = []  # sa-ptq beats brecq and minmax
     for cfg in configs:
         sa, br, mm = fid("sa-ptq", "w4a8", cfg), fid("brecq", "w4a8", cfg), fid("minmax", "w4a8", cfg)
-        if None in (sa, br, mm):
-            continue
-        total += 1
-        met += sa < br and sa < mm
-    if total:
-        out.append(f"- W4A8: sa-ptq FID below brecq and minmax — **{'met' if met == total else 'not met'}** "
-                   f"in {met}/{total} settings.")
-    # 3. MOTA lowers final-sample MSE to the FP second-order trajectory vs brecq (quantized DDIM)
-    met = total = 0
-    for bits in sorted({r["bits"] for r in rows if r["bits"] != "fp32"}):
-        for steps in sorted({r["steps"] for r in rows}):
-            sa, br = idx.get(("sa-ptq", bits, "ddim", steps)), idx.get(("brecq", bits, "ddim", steps))
-            if sa is None or br is None or "mse_to_fp_dpm2" not in sa:
-                continue
-            total += 1
-            met += sa["mse_to_fp_dpm2"] < br["mse_to_fp_dpm2"]
-    if total:
-        out.append(f"- MOTA: quantized DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N than brecq's — "
-                   f"**{'met' if met == total else 'not met'}** in {met}/{total} bits×steps settings.")
-    out += _qlora_targets(rows, idx, configs, fid)
-    return out
-
-
-def _qlora_targets(rows, idx, configs, fid) -> list[str]:
-    """Issue 7 (SA-QLoRA): W4A8 ΔFID ≤ ½ best baseline's; W4A4 FID ≤ 2× FP with accuracy ≥ 90 %."""
-    out = []
-    met = total = 0
-    for cfg in configs:  # every other method at W4A8 is a baseline, the plain-MSE QLoRA included
-        fp, sa = fid("fp32", "fp32", cfg), fid("sa-qlora", "w4a8", cfg)
-        base = [r["digit_fid"] for r in rows if r["bits"] == "w4a8" and r["method"] != "sa-qlora"
-                and (r["sampler"], r["steps"]) == cfg]
-        if fp is None or sa is None or not base:
-            continue
-        total += 1
-        met += (sa - fp) <= 0.5 * (min(base) - fp)
-    if total:
-        out.append(f"- W4A8: sa-qlora ΔFID ≤ ½ best baseline ΔFID — **{'met' if met == total else 'not met'}** "
-                   f"in {met}/{total} sampler×steps settings.")
-    met = total = 0
+        if None not in (sa, br, mm):
+            w4a8_sa_ptq.append(sa < br and sa < mm)
+    w4a4_qlora = []  # issue 7: recognizable digits at W4A4
     for cfg in configs:
         fp, r = fid("fp32", "fp32", cfg), idx.get(("sa-qlora", "w4a4", *cfg))
-        if fp is None or r is None:
-            continue
-        total += 1
-        met += r["digit_fid"] <= 2 * fp and r.get("accuracy", 0.0) >= 0.9
-    if total:
-        out.append(f"- W4A4: sa-qlora digit-FID ≤ 2× FP and accuracy ≥ 90 % — **{'met' if met == total else 'not met'}** "
-                   f"in {met}/{total} sampler×steps settings.")
-    met = total = 0
-    for bits in ("w4a8", "w4a4"):
-        for steps in sorted({r["steps"] for r in rows}):
-            sa, mse = idx.get(("sa-qlora", bits, "ddim", steps)), idx.get(("qlora-mse", bits, "ddim", steps))
-            if sa is None or mse is None or "mse_to_fp_dpm2" not in sa:
-                continue
-            total += 1
-            met += sa["mse_to_fp_dpm2"] < mse["mse_to_fp_dpm2"]
-    if total:
-        out.append(f"- MOTA (QLoRA): sa-qlora DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N than qlora-mse's — "
-                   f"**{'met' if met == total else 'not met'}** in {met}/{total} bits×steps settings.")
-    return out
+        if fp is not None and r is not None:
+            w4a4_qlora.append(r["digit_fid"] <= 2 * fp and r.get("accuracy", 0.0) >= 0.9)
+    quant_bits = sorted({r["bits"] for r in rows if r["bits"] != "fp32"})
+    # for sa-qlora at W4A8 every other method is a baseline, the plain-MSE QLoRA included
+    w4a8_methods = sorted({r["method"] for r in rows if r["bits"] == "w4a8"})
+    return [
+        *_verdict("W8A8: sa-ptq ΔFID ≤ ½ best baseline ΔFID", half_best_delta("sa-ptq", "w8a8", BASELINES),
+                  "sampler×steps settings"),
+        *_verdict("W4A8: sa-ptq FID below brecq and minmax", w4a8_sa_ptq, "settings"),
+        *_verdict("MOTA: quantized DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N than brecq's",
+                  _closer_to_dpm2(idx, rows, "sa-ptq", "brecq", quant_bits), "bits×steps settings"),
+        *_verdict("W4A8: sa-qlora ΔFID ≤ ½ best baseline ΔFID", half_best_delta("sa-qlora", "w4a8", w4a8_methods),
+                  "sampler×steps settings"),
+        *_verdict("W4A4: sa-qlora digit-FID ≤ 2× FP and accuracy ≥ 90 %", w4a4_qlora, "sampler×steps settings"),
+        *_verdict("MOTA (QLoRA): sa-qlora DDIM-N final samples closer (MSE) to FP DPM-Solver-2-N than qlora-mse's",
+                  _closer_to_dpm2(idx, rows, "sa-qlora", "qlora-mse", ("w4a8", "w4a4")), "bits×steps settings"),
+    ]
 
 
 def render(meta: dict, rows: list[dict]) -> str:

@@ -254,6 +254,8 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
 
     unet, lora_names, params = _prepare(loaded, recipe, ds, qcfg)
     per_epoch = sum(q.mixstep)
+    weights = {n: step_weights(schedule, outer_grid(teacher, n, schedule, c.spacing), q.step_weight)
+               for n in set(q.mixstep)}
     opt, sched = _optimizer(unet, params, recipe, q.epochs * per_epoch)
     ckpt = _read_ckpt(work, rhash)
     if ckpt is None:
@@ -279,8 +281,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
                                           loaded.num_classes)
                 pairs = teacher_pairs(fp_eps, schedule, x_T, labels, steps, spacing=c.spacing, teacher=teacher,
                                       target=target, orientation=c.orientation)
-                weights = step_weights(schedule, outer_grid(teacher, steps, schedule, c.spacing), q.step_weight)
-                for (x, t, tgt), w in zip(pairs, weights, strict=True):
+                for (x, t, tgt), w in zip(pairs, weights[steps], strict=True):
                     with torch.enable_grad():
                         eps = student_eps(unet, x, t, labels, loaded.null_label, c.cfg, groups, T)
                         loss, mse, cos = qlora_loss(eps, tgt, q.cos_weight)
