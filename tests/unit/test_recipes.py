@@ -11,6 +11,7 @@ from saq_deploy.calibrate.recipe import Recipe, load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "calibration").glob("*.toml"))
 TEMPLATES = sorted((ROOT / "calibration" / "templates").glob("*.toml"))
+ABLATIONS = sorted((ROOT / "calibration" / "ablations").glob("*.toml"))
 
 
 def test_all_bits_and_methods_present():
@@ -20,7 +21,7 @@ def test_all_bits_and_methods_present():
             assert f"digits_{bits}_{method}" in names
 
 
-@pytest.mark.parametrize("path", RECIPES + TEMPLATES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES + TEMPLATES + ABLATIONS, ids=lambda p: p.name)
 def test_recipe_valid(path):
     r = load_recipe(path)
     assert isinstance(r, Recipe)
