@@ -36,8 +36,12 @@ demo: $(STAMP)
 	$(BIN)/saq-deploy summary $(DEMO)/w8a8 --backend onnxruntime
 	@echo "Wrote $(DEMO)/w8a8/ (artifact, onnx/, engine/, validation/onnxruntime/report.md + direction-error.png), $(DEMO)/grid-engine.png"
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# ruff (config in pyproject.toml); part of `make test`, so CI runs it
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # Re-train the committed artifacts (not needed for demo/test).
 reference: $(STAMP)

@@ -20,6 +20,7 @@ import torch
 from saq_deploy.calibrate.recipe import QLORA_METHODS, RECON_METHODS, Recipe
 from saq_deploy.calibrate.steps import CKPT_INFO
 from saq_deploy.errors import BackendUnavailableError, ConfigError
+from saq_deploy.utils.io import fsync_dir, fsync_tree
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -67,12 +68,12 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     if info_path.exists() and json.loads(info_path.read_text()).get("recipe_hash") != rhash:
         raise ConfigError(f"an unfinished run with a different recipe is in '{work}'; delete it, or "
                           "re-run with the same recipe to resume")
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     loaded = load_model(recipe.model.spec)
     if loaded.kind != "class":
         raise ConfigError("calibration currently supports class-conditional or unconditional UNet2DModel "
                           f"inputs; this model is '{loaded.kind}'")
+    work.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed load leaves no .partial
     from saq_deploy.calibrate.steps import collect_or_open, run_pipeline
 
     try:
@@ -104,7 +105,9 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     tmp.mkdir(parents=True)
     save_artifact(tmp, unet=unet, manifest=manifest, recipe=recipe.to_dict(),
                   report=render_report(manifest))
+    fsync_tree(tmp)
     tmp.rename(out_dir)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
 

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -60,6 +61,7 @@ from saq_deploy.samplers import (
     sample_plms,
 )
 from saq_deploy.schedules.vp import VPSchedule
+from saq_deploy.utils.io import fsync_dir, fsync_tree
 from saq_deploy.utils.versions import package_versions
 
 if TYPE_CHECKING:
@@ -161,13 +163,24 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """A kill -9 during collection leaves ``.<out>.*.tmp`` (or ``.<out>.old.*``) beside ``out``; shards
+    are only trusted once renamed into place, so those folders are garbage: remove them and say so."""
+    for stale in sorted(out.parent.glob(f".{out.name}.*")):
+        if stale.is_dir() and (stale.name.endswith(".tmp") or stale.name.startswith(f".{out.name}.old.")):
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed stale temp folder {stale} from an interrupted run", file=sys.stderr)
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Rename the finished temp folder onto ``out`` (moving an old one aside first)."""
     old: Path | None = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
         os.replace(out, old / "data")
+    fsync_tree(tmp)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -217,6 +230,7 @@ def collect_trajectories(
     run = _SAMPLE_FNS[sampler]
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         writer = ShardWriter(tmp, shard_size)
@@ -307,5 +321,5 @@ def _manifest(
         "fields": {k: {"dtype": d, "shape": s} for k, (d, s) in fields.items()},
         "shards": shards,
         "versions": package_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

@@ -35,16 +35,16 @@ class DataSampler(str, Enum):
 def calibrate_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to create.")],
     recipe: Annotated[Path | None, typer.Option("--recipe", "-c", help="Recipe TOML (calibration/*.toml).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Override [model].spec.")] = None,
-    bits: Annotated[Bits | None, typer.Option("--bits", help="Override [quant].bits.")] = None,
-    method: Annotated[Method | None, typer.Option("--method", help="Override [calibration].method.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Override \\[model].spec.")] = None,
+    bits: Annotated[Bits | None, typer.Option("--bits", help="Override \\[quant].bits.")] = None,
+    method: Annotated[Method | None, typer.Option("--method", help="Override \\[calibration].method.")] = None,
     sampler: Annotated[DataSampler | None, typer.Option("--sampler", help="Sampler whose trajectories are the calibration data.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Override [calibration].steps.")] = None,
-    iters: Annotated[int | None, typer.Option("--iters", help="Override [reconstruction].iters (per block).")] = None,
-    num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", help="Override [calibration].num_samples (seeds).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Override [calibration].seed.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Override [qlora].epochs (sa-qlora, qlora-mse).")] = None,
-    rank: Annotated[int | None, typer.Option("--rank", help="Override [qlora].rank (LoRA rank).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override \\[calibration].steps.")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", help="Override \\[reconstruction].iters (per block).")] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", help="Override \\[calibration].num_samples (seeds).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override \\[calibration].seed.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override \\[qlora].epochs (sa-qlora, qlora-mse).")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="Override \\[qlora].rank (LoRA rank).")] = None,
 ) -> None:
     """Calibrate a UNet (SA-PTQ / SA-QLoRA with the MOTA target, or a baseline). Re-run after a kill to resume."""
     from saq_deploy.calibrate.recipe import load_recipe

@@ -19,6 +19,7 @@ import onnx
 
 from saq_deploy.errors import ConfigError
 from saq_deploy.export.qdq import TARGETS
+from saq_deploy.utils.io import fsync_tree
 
 EXPORT_DIR = "onnx"
 MODEL_FILE = "model.onnx"
@@ -141,12 +142,25 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
     return out
 
 
+def remove_stale_export_temps(root: Path, target: str) -> list[Path]:
+    """An export killed mid-write leaves ``.<target>-*`` / ``.old-*`` beside its folder; they are never
+    read (only the renamed folder is), so remove them and say so on stderr."""
+    import sys
+
+    stale = sorted(p for pat in (f".{target}-*", ".old-*") for p in root.glob(pat) if p.is_dir())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"removed stale temp folder {p} from an interrupted export", file=sys.stderr)
+    return stale
+
+
 def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q, n_calls: int,
                   fp16: bool) -> Path:
     from saq_deploy.utils.io import sha256_file, write_json_atomic
     from saq_deploy.utils.versions import package_versions
 
     final = root / target
+    remove_stale_export_temps(root, target)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target}-"))
     try:
         onnx.save(model, str(tmp / MODEL_FILE))
@@ -164,6 +178,7 @@ def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q
             "opset": rep.opset, "qdq": rep.to_dict(), "calibration_calls": n_calls,
             "ort_disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS), "versions": package_versions(),
         })
+        fsync_tree(tmp)
         if final.exists():
             trash = Path(tempfile.mkdtemp(dir=root, prefix=".old-"))
             final.rename(trash / target)

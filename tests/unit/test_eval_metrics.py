@@ -165,11 +165,18 @@ def digits():
 
 
 def test_custom_extractor_plugs_into_fid(digits) -> None:
-    from saq_deploy.eval.features import FeatureExtractor
+    from saq_deploy.eval.features import DigitFeatures
 
     images, _ = digits
+    # the shipped extractor keeps the FeatureExtractor contract: (N, D) float64, deterministic,
+    # image-dependent and independent of how the batch is split
+    shipped = DigitFeatures()
+    feats = shipped(images[:8])
+    assert feats.shape == (8, shipped.dim) and feats.dtype == np.float64
+    assert np.array_equal(feats, shipped(images[:8]))
+    assert np.allclose(feats, DigitFeatures(shipped.classifier, batch_size=3)(images[:8]), atol=1e-6)
+    assert not np.allclose(feats[0], feats[1])
     ext = PooledPixels()
-    assert isinstance(ext, FeatureExtractor)
     ref = compute_stats(ext(images), ext.name)
     assert abs(fid(images, ref, ext)) < 1e-8
     noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from saq_deploy.models.eps_model import EpsModel, TorchEpsModel
+from saq_deploy.models.eps_model import TorchEpsModel
 from saq_deploy.models.guidance import ClassifierFreeGuidance
 
 
@@ -29,7 +29,6 @@ class Recorder:
 def test_one_batched_call_and_hand_computed_combination():
     rec = Recorder()
     cfg = ClassifierFreeGuidance(rec, 3.0, 10)
-    assert isinstance(cfg, EpsModel)
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     t = torch.tensor([500.0, 500.0], dtype=torch.float64)
     labels = torch.tensor([3, 7])

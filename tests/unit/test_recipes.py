@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,14 @@ def test_all_bits_and_methods_present():
 @pytest.mark.parametrize("path", RECIPES + TEMPLATES + ABLATIONS, ids=lambda p: p.name)
 def test_recipe_valid(path):
     r = load_recipe(path)
-    assert isinstance(r, Recipe)
+    # every value written in the TOML survives load -> to_dict -> from_dict, as the TOML itself says
+    raw = tomllib.loads(path.read_text())
+    # through JSON, as recipe.json stores it (tuples come back as the TOML's arrays)
+    for data in (json.loads(json.dumps(d)) for d in (r.to_dict(), Recipe.from_dict(r.to_dict()).to_dict())):
+        for section, values in raw.items():
+            for key, value in values.items():
+                assert data[section][key] == value, f"{path.name}: [{section}] {key}"
+    assert Recipe.from_dict(r.to_dict()) == r
     if path in RECIPES:
         _, bits, method = path.stem.split("_")
         assert (r.quant.bits, r.calibration.method) == (bits, method)

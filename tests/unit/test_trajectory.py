@@ -261,3 +261,13 @@ def test_no_heavy_imports():
     code = ("import sys, saq_deploy.calibrate.trajectory, saq_deploy.calibrate.dataset; "
             "bad = [m for m in ('onnxruntime', 'tensorrt') if m in sys.modules]; sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, check=False).returncode == 0
+
+
+def test_stale_temp_folder_of_a_killed_collection_is_removed(tmp_path, capsys):
+    # what a kill -9 during collection leaves: a half-written '.traj.<rand>.tmp' beside the output
+    stale = tmp_path / ".traj.abc123.tmp"
+    stale.mkdir()
+    (stale / "shard-00000.safetensors").write_bytes(b"half")
+    _collect(tmp_path, "traj")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traj"]
+    assert f"removed stale temp folder {stale}" in capsys.readouterr().err
