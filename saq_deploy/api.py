@@ -55,19 +55,11 @@ def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | Non
 
 
 def verify_artifact(artifact: Path) -> dict:
-    """The manifest of a calibrated artifact whose state file matches its recorded hash
-    (ModelLoadError otherwise); reads no model weights."""
-    from saq_deploy.calibrate.artifact import STATE_FILE, read_manifest
-    from saq_deploy.utils.io import sha256_file
+    """The manifest of a calibrated artifact whose files match it (ModelLoadError otherwise);
+    reads no model weights. One check for every consumer: ``calibrate.artifact.verify_artifact``."""
+    from saq_deploy.calibrate.artifact import verify_artifact as _verify
 
-    manifest = read_manifest(Path(artifact))
-    state = Path(artifact) / STATE_FILE
-    if not state.exists():
-        raise ModelLoadError(f"'{artifact}' has no {STATE_FILE}")
-    if sha256_file(state) != manifest.get("state_sha256"):
-        raise ModelLoadError(f"'{state}' does not match the hash in its manifest: the artifact was modified "
-                             "or is incomplete; re-run saq-deploy calibrate")
-    return manifest
+    return _verify(Path(artifact))
 
 
 def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,

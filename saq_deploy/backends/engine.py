@@ -112,12 +112,13 @@ class EngineEpsModel:
 
 
 def read_engine_manifest(path: Path) -> dict:
-    from saq_deploy.utils.io import read_folder_manifest
+    from saq_deploy.utils.io import check_seal, read_folder_manifest
 
     mf = Path(path) / MANIFEST_FILE
     manifest = read_folder_manifest(path, MANIFEST_FILE, "an engine folder", "build one with saq-deploy build-engine")
     if manifest.get("artifact") != ENGINE_FORMAT:
         raise ModelLoadError(f"'{mf}' is not a saq-deploy engine manifest")
+    check_seal(manifest, mf, "rebuild the engine with saq-deploy build-engine")
     return manifest
 
 

@@ -56,28 +56,82 @@ class CalibratedModel:
         return FakeQuantEpsModel(self.loaded.unet, self.manifest["quant_config"]["act"]["timestep_groups"])
 
 
+# Manifest fields that decide behaviour (thresholds, quantizer layout, which model). A copy lives in
+# the state file's header, so ``state_sha256`` covers them and an edited manifest is caught.
+BEHAVIOUR_FIELDS = ("method", "bits", "quant_config", "layer_specs", "model", "recipe_sha256")
+BEHAVIOUR_KEY = "behaviour"
+
+
+def _behaviour(manifest: dict) -> dict:
+    """The behaviour-deciding fields as plain JSON data (tuples become lists, as in manifest.json)."""
+    import json
+
+    return json.loads(json.dumps({k: manifest.get(k) for k in BEHAVIOUR_FIELDS}, default=str))
+
+
 def save_artifact(out_dir: Path, *, unet: torch.nn.Module, manifest: dict, recipe: dict, report: str) -> None:
     """Write into ``out_dir`` (a fresh temp folder the caller renames into place)."""
-    from safetensors.torch import save_file
+    import json
 
     from saq_deploy.quant.state import quant_layer_specs, quant_state_dict
-    from saq_deploy.utils.io import sha256_file, write_json_atomic
+    from saq_deploy.utils.io import save_safetensors, sha256_file, write_bytes_atomic, write_json_atomic
 
-    state = {k: v.contiguous() for k, v in quant_state_dict(unet).items()}
-    save_file(state, str(out_dir / STATE_FILE), metadata={"format": "saq-deploy-calibrated",
-                                                           "version": str(FORMAT_VERSION)})
-    manifest = {**manifest, "format_version": FORMAT_VERSION,
-                "state_sha256": sha256_file(out_dir / STATE_FILE),
-                "layer_specs": quant_layer_specs(unet)}
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
     write_json_atomic(out_dir / RECIPE_FILE, recipe)
-    (out_dir / REPORT_FILE).write_text(report)
+    manifest = {**manifest, "format_version": FORMAT_VERSION, "layer_specs": quant_layer_specs(unet),
+                "recipe_sha256": sha256_file(out_dir / RECIPE_FILE)}
+    behaviour = json.dumps(_behaviour(manifest), sort_keys=True, separators=(",", ":"))
+    state = {k: v.contiguous() for k, v in quant_state_dict(unet).items()}
+    save_safetensors(state, out_dir / STATE_FILE, metadata={"format": "saq-deploy-calibrated",
+                                                             "version": str(FORMAT_VERSION),
+                                                             BEHAVIOUR_KEY: behaviour})
+    manifest["state_sha256"] = sha256_file(out_dir / STATE_FILE)
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    write_bytes_atomic(out_dir / REPORT_FILE, report)
 
 
 def read_manifest(path: Path) -> dict:
     from saq_deploy.utils.io import read_folder_manifest
 
     return read_folder_manifest(path, MANIFEST_FILE, "a calibrated artifact", "create one with saq-deploy calibrate")
+
+
+def verify_artifact(path: str | Path) -> dict:
+    """The manifest of an artifact whose files match it (ModelLoadError otherwise): the state file
+    against ``state_sha256``, the manifest's behaviour fields against the copy inside the state file,
+    and ``recipe.json`` against ``recipe_sha256``. Reads no model weights."""
+    import json
+
+    from safetensors import safe_open
+
+    from saq_deploy.utils.io import sha256_file
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    state_path = path / STATE_FILE
+    if not state_path.exists():
+        raise ModelLoadError(f"'{path}' has no {STATE_FILE}; re-run saq-deploy calibrate")
+    if sha256_file(state_path) != manifest.get("state_sha256"):
+        raise ModelLoadError(f"'{state_path}' does not match the hash in its manifest: the artifact was "
+                             "modified or is incomplete; re-run saq-deploy calibrate")
+    try:
+        with safe_open(str(state_path), framework="pt") as f:
+            embedded = (f.metadata() or {}).get(BEHAVIOUR_KEY)
+    except Exception as e:
+        raise ModelLoadError(f"'{state_path}' is not a valid safetensors file ({e})") from e
+    if embedded is None:
+        raise ModelLoadError(f"'{path}' was made by an older saq-deploy (its state carries no settings "
+                             "copy); re-run saq-deploy calibrate")
+    stored, claimed = json.loads(embedded), _behaviour(manifest)
+    edited = sorted(k for k in BEHAVIOUR_FIELDS if stored.get(k) != claimed.get(k))
+    if edited:
+        raise ModelLoadError(f"'{path / MANIFEST_FILE}' field(s) {', '.join(edited)} differ from the settings "
+                             "stored in the calibrated state: the manifest was edited; restore it or re-run "
+                             "saq-deploy calibrate")
+    recipe = path / RECIPE_FILE
+    if not recipe.exists() or sha256_file(recipe) != manifest.get("recipe_sha256"):
+        raise ModelLoadError(f"'{recipe}' is missing or does not match the hash in its manifest; restore it "
+                             "or re-run saq-deploy calibrate")
+    return manifest
 
 
 def load_artifact(path: str | Path, *, verify: bool = True) -> CalibratedModel:
@@ -87,16 +141,10 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> CalibratedModel:
     from saq_deploy.models.loading import load_model
     from saq_deploy.quant.config import QuantConfig
     from saq_deploy.quant.state import load_quant_state
-    from saq_deploy.utils.io import sha256_file
 
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = verify_artifact(path) if verify else read_manifest(path)
     state_path = path / STATE_FILE
-    if not state_path.exists():
-        raise ModelLoadError(f"'{path}' has no {STATE_FILE}")
-    if verify and sha256_file(state_path) != manifest.get("state_sha256"):
-        raise ModelLoadError(f"'{state_path}' does not match the hash in its manifest: the artifact was "
-                             "modified or is incomplete; re-run saq-deploy calibrate")
     loaded = load_model(manifest["model"]["spec"])
     if verify and loaded.source_hash != manifest["model"]["hash"]:
         raise ModelLoadError(f"source model {manifest['model']['spec']} changed since calibration "

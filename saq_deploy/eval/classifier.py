@@ -174,16 +174,14 @@ def train_classifier(
 
 def save_classifier(model: DigitClassifier, path: str | Path, metadata: dict | None = None) -> Path:
     """Write the weights as safetensors (atomically); ``metadata`` values are stored as JSON strings."""
-    from safetensors.torch import save
-
-    from saq_deploy.utils.io import write_bytes_atomic
+    from saq_deploy.utils.io import save_safetensors
 
     meta = {"arch": ARCH, "feature_dim": str(model.feature_dim), "num_classes": str(model.num_classes)}
     meta["fingerprint"] = fingerprint(model)
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_bytes_atomic(path, save(tensors, metadata=meta))
+    save_safetensors(tensors, path, metadata=meta)  # byte-reproducible header
     return Path(path)
 
 

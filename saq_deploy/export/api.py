@@ -101,9 +101,9 @@ def has_4bit_activations(manifest: dict) -> bool:
 
 def default_targets(artifact: str | Path) -> tuple[str, ...]:
     """Every placement the artifact can go to: W4A4 (4-bit activations) is ONNX Runtime only."""
-    from saq_deploy.calibrate.artifact import read_manifest
+    from saq_deploy.calibrate.artifact import verify_artifact
 
-    manifest = read_manifest(Path(artifact))
+    manifest = verify_artifact(Path(artifact))
     return tuple(t for t in TARGETS if not (t == "tensorrt" and has_4bit_activations(manifest)))
 
 

@@ -21,7 +21,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as e:
+            if e.filename is None:  # a failed write (ENOSPC, EFBIG) names no file: name the one meant
+                e.filename = str(path)
+            raise
         if tmp_path.exists():
             os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; artifacts should be readable like any file
             fsync_tree(tmp_path)
@@ -103,3 +108,51 @@ def read_folder_manifest(folder: str | os.PathLike, filename: str, what: str, hi
         return json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"'{mf}' is not valid JSON ({e})") from e
+
+
+def canonical_safetensors(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes whose header is the same for the same tensors and metadata in every process.
+
+    The library lays out the tensor data, but it keeps the metadata in a hash map whose iteration
+    order changes from process to process, so identical tensors got different file hashes (and every
+    manifest hash downstream differed). We keep its data section and rewrite only the JSON header
+    with sorted keys, padded to 8 bytes with spaces as the format requires."""
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` as byte-reproducible safetensors, atomically (temp file, fsync, rename)."""
+    return write_bytes_atomic(path, canonical_safetensors(tensors, metadata))
+
+
+SEAL_KEY = "manifest_sha256"
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != SEAL_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` plus a hash of its own canonical JSON, so an edited field (e.g. the parity
+    thresholds an engine carries) is caught by ``check_seal`` instead of changing behaviour."""
+    return {**manifest, SEAL_KEY: _manifest_digest(json.loads(json.dumps(manifest, default=str)))}
+
+
+def check_seal(manifest: dict, path: str | os.PathLike, remedy: str) -> None:
+    from saq_deploy.errors import ModelLoadError
+
+    if manifest.get(SEAL_KEY) != _manifest_digest(manifest):
+        raise ModelLoadError(f"'{path}' was edited or made by an older saq-deploy (its {SEAL_KEY} does not "
+                             f"match its content); {remedy}")

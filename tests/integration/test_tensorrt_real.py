@@ -111,7 +111,9 @@ def test_mismatched_manifest_is_refused(engine_dir, tmp_path):
     shutil.copytree(engine_dir, copy)
     m = json.loads((copy / "manifest.json").read_text())
     m["build"]["tensorrt"] = "10.0.0.0-other"
-    (copy / "manifest.json").write_text(json.dumps(m))
+    from saq_deploy.utils.io import seal_manifest
+
+    (copy / "manifest.json").write_text(json.dumps(seal_manifest(m)))  # as if built elsewhere
     with pytest.raises(ModelLoadError, match="TensorRT version"):
         load_engine(copy)
     with pytest.raises(ConfigError, match="only allowed for version-compatible"):

@@ -117,13 +117,17 @@ def _flip_byte(path):
     ("engine/model.onnx", "does not match the hash in its manifest"),
     ("calibrated.safetensors", "does not match the hash in its manifest"),
     ("engine/manifest.json", "different calibration"),
+    ("engine/manifest.json:unsealed", "was edited"),
 ])
 def test_refuses_to_start_on_mismatched_hashes(gated_artifact, target, fragment, capsys):
-    path = gated_artifact / target
-    if target.endswith("manifest.json"):
+    from saq_deploy.utils.io import seal_manifest
+
+    path = gated_artifact / target.split(":")[0]
+    if ".json" in target:
         m = json.loads(path.read_text())
         m["source"]["state_sha256"] = "0" * 64
-        path.write_text(json.dumps(m))
+        # resealed: a consistent engine of another calibration; unsealed: a hand-edited manifest
+        path.write_text(json.dumps(m if target.endswith(":unsealed") else seal_manifest(m)))
     else:
         _flip_byte(path)
     with pytest.raises(ModelLoadError, match=fragment):

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from saq_deploy.backends.tensorrt import audit_layers, check_compat, format_audit, typing_plan
 from saq_deploy.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from saq_deploy.utils.io import seal_manifest
 from tests.conftest import _has_cuda, _has_tensorrt
 
 NO_TRT = pytest.mark.skipif(_has_tensorrt() and _has_cuda(), reason="TensorRT and a GPU are present here")
@@ -224,9 +225,9 @@ def test_build_profile_errors_come_first(tmp_path):
 def test_load_engine_without_tensorrt_is_one_line(tmp_path):
     from saq_deploy.backends.engine import load_engine
 
-    (tmp_path / "manifest.json").write_text(json.dumps({
+    (tmp_path / "manifest.json").write_text(json.dumps(seal_manifest({
         "artifact": "saq-deploy-engine", "backend": "tensorrt", "engine_file": "model.plan", "files": {},
-        "build": {**built(), "profile": {"resolved": {"cuda_graph": False}}}}))
+        "build": {**built(), "profile": {"resolved": {"cuda_graph": False}}}})))
     with pytest.raises(BackendUnavailableError) as e:
         load_engine(tmp_path)
     assert "\n" not in str(e.value) and "nvcr.io/nvidia/tensorrt" in str(e.value)
@@ -272,9 +273,9 @@ def test_inspect_prints_a_stored_audit(tmp_path, capsys):
     from saq_deploy.cli.app import main
 
     (tmp_path / "audit.json").write_text(json.dumps(audit_layers(INSPECTOR_FIXTURE)))
-    (tmp_path / "manifest.json").write_text(json.dumps({
+    (tmp_path / "manifest.json").write_text(json.dumps(seal_manifest({
         "artifact": "saq-deploy-engine", "backend": "tensorrt", "engine_file": "model.plan", "files": {},
-        "build": {**built(), "profile": {"name": "digits"}, "onnx_file": "model.fp16.onnx"}}))
+        "build": {**built(), "profile": {"name": "digits"}, "onnx_file": "model.fp16.onnx"}})))
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(tmp_path)])
     out = capsys.readouterr().out
