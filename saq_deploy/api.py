@@ -30,7 +30,7 @@ def _load_cond_file(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | No
     return cond, None if uncond is None else uncond.float()[:1]
 
 
-def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | None = None):
+def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | None = None, force: bool = False):
     """(LoadedModel-like, eps model, artifact info): the FP model, the fake-quant model of a
     calibrated artifact (which names its own source model), or a built engine."""
     from saq_deploy.models.loading import load_model
@@ -38,7 +38,7 @@ def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | Non
     if engine is not None:
         from saq_deploy.backends.engine import load_engine
 
-        eng = load_engine(engine)
+        eng = load_engine(engine, force=force)
         src = eng.manifest["source"]
         info = {"engine": str(engine), "backend": eng.backend, "state_sha256": src["state_sha256"],
                 "method": src["method"], "bits": src["bits"]}
@@ -64,33 +64,37 @@ def verify_artifact(artifact: Path) -> dict:
 
 def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
                    cond_file: Path | None = None, artifact: Path | None = None, engine: Path | None = None,
-                   progress: bool = False) -> Path:
+                   progress: bool = False, force: bool = False) -> Path:
     """Sample ``settings.n`` images from a model (or a calibrated artifact's fake-quant model),
     write a grid PNG and ``<output>.json`` manifest."""
-    from rich.progress import Progress
-
     from saq_deploy.utils.images import save_grid
     from saq_deploy.utils.io import write_json_atomic
+    from saq_deploy.utils.progress import progress as progress_for
     from saq_deploy.utils.versions import package_versions
 
     validate_settings(settings)  # fail before the (slow) model load
+    if force and engine is None:
+        raise ConfigError("--force applies to TensorRT engines only: pass it together with --engine DIR")
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise ConfigError(f"--output must end in .png, got '{output}'")
+    for path in (output, output.with_suffix(".json")):  # checked before minutes of sampling
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is an existing folder; choose another --output")
     torch.manual_seed(settings.seed)
-    loaded, eps_model, art = load_for_sampling(model_spec, artifact, engine)
+    loaded, eps_model, art = load_for_sampling(model_spec, artifact, engine, force=force)
     cond, null = None, loaded.null_label
     if loaded.kind == "text":
         if cond_file is None:
             raise ConfigError("this UNet uses cross-attention: pass --cond-file with prompt embeddings")
         cond, null = _load_cond_file(Path(cond_file), settings.n)
     t0 = time.perf_counter()
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
+    with progress_for(progress, "sample", transient=True) as bar:
+        task = bar.task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
         images, labels = generate(
             eps_model, loaded.schedule(), loaded.sample_shape, settings,
             num_classes=loaded.num_classes, null_label=null, cond=cond,
-            on_batch=lambda done: bar.update(task, completed=done),
+            on_batch=lambda done: task.update(completed=done),
         )
     wall = time.perf_counter() - t0
     nrow = loaded.num_classes if (settings.label is None and loaded.num_classes) else None
@@ -114,9 +118,8 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path 
 
     Digit metrics need 1x16x16 samples in [-1, 1] (builtin:digits or a model like it); for other
     models use ``saq_deploy.eval.fid`` with your own feature extractor."""
-    from rich.progress import Progress
-
     from saq_deploy.eval.metrics import evaluate_samples
+    from saq_deploy.utils.progress import progress as progress_for
 
     validate_settings(settings)
     loaded, eps_model, art = load_for_sampling(model_spec, artifact)
@@ -125,11 +128,11 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path 
                           f"(this one: {loaded.kind}, {loaded.sample_shape}); use saq_deploy.eval.fid "
                           "with a feature extractor for your data")
     t0 = time.perf_counter()
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
+    with progress_for(progress, "evaluate", transient=True) as bar:
+        task = bar.task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
         images, labels = generate(eps_model, loaded.schedule(), loaded.sample_shape, settings,
                                   num_classes=loaded.num_classes, null_label=loaded.null_label,
-                                  on_batch=lambda done: bar.update(task, completed=done))
+                                  on_batch=lambda done: task.update(completed=done))
     sample_s = time.perf_counter() - t0
     metrics = evaluate_samples(images, labels)
     return {"model": loaded.name, "model_hash": loaded.source_hash, "calibrated_artifact": art, "settings": settings.to_dict(),

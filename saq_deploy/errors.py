@@ -12,6 +12,10 @@ class ConfigError(SaqError, ValueError):
     """An invalid option, recipe or argument value."""
 
 
+class BadOptionError(ConfigError):
+    """A bad value for a command-line option; the CLI exits 2 for it, like a usage error."""
+
+
 class ModelLoadError(SaqError):
     """A model or weight file could not be found or read."""
 

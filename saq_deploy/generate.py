@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from saq_deploy.errors import ConfigError
+from saq_deploy.errors import BadOptionError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def class_labels(n: int, num_classes: int, label: int | None) -> torch.Tensor:
     if label is None:
         return torch.arange(n, dtype=torch.long) % num_classes
     if not 0 <= label < num_classes:
-        raise ConfigError(f"--label {label} is outside 0..{num_classes - 1} for this model")
+        raise BadOptionError(f"--label {label} is outside 0..{num_classes - 1} for this model")
     return torch.full((n,), label, dtype=torch.long)
 
 
@@ -48,13 +48,13 @@ def validate_settings(s: SampleSettings) -> None:
     if s.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler '{s.sampler}'; choose one of: {', '.join(SAMPLERS)}")
     if s.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {s.steps}")
+        raise BadOptionError(f"--steps must be >= 1, got {s.steps}")
     if s.n < 1:
-        raise ConfigError(f"-n must be >= 1, got {s.n}")
+        raise BadOptionError(f"-n must be >= 1, got {s.n}")
     if s.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {s.batch_size}")
+        raise BadOptionError(f"--batch-size must be >= 1, got {s.batch_size}")
     if s.cfg < 0:
-        raise ConfigError(f"--cfg must be >= 0, got {s.cfg}")
+        raise BadOptionError(f"--cfg must be >= 0, got {s.cfg}")
 
 
 def generate(

@@ -59,3 +59,15 @@ def minmax_artifact(out: Path, num_samples: int = 4, steps: int = 3, bits: str =
     calibrate(Recipe().with_overrides({"calibration.method": "minmax", "quant.bits": bits,
                                        "calibration.num_samples": num_samples, "calibration.steps": steps}), out)
     return out
+
+
+def tiny_unet_uncond(*, channels: int = 3, size: int = 8, widths: tuple[int, int] = (24, 48)):
+    """An unconditional UNet2DModel (no class embedding) with odd widths (not multiples of 64, the
+    INT4 block size) and attention in the second block, like the DDPM / LDM LSUN models in shape."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=widths, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       attention_head_dim=8)

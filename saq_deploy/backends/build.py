@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from saq_deploy.errors import ConfigError, ModelLoadError
@@ -19,7 +20,7 @@ TARGET_OF = {"onnxruntime": "onnxruntime-cpu", "tensorrt": "tensorrt"}
 
 # Engine vs fake-quant PyTorch on the same inputs along real trajectories. Torch and ORT round
 # differently at x.5 boundaries, and one flipped INT8 code moves a value by a full step, so a deep
-# net's outputs diverge statistically, not bit-wise (deployment-facts section 9). The divergence
+# net's outputs diverge statistically, not bit-wise (docs/design/deployment.md §5). The divergence
 # concentrates in the last call (t ~ 0, where eps is ill-conditioned and barely moves the
 # sample), so the gate uses the median, mean and 10th percentile over calls, not the worst call, plus
 # the end-to-end PSNR of final samples. The bounds sit well below the quantization error itself
@@ -42,13 +43,17 @@ def default_parity(bits: str | None) -> dict:
     return dict(PARITY_4BIT_ACTS if (bits or "").lower().endswith("a4") else DEFAULT_PARITY)
 
 
-def ensure_export(artifact: Path, target: str) -> Path:
-    """The artifact's export folder for ``target``, (re)exported if missing or stale."""
-    from saq_deploy.calibrate.artifact import read_manifest
+def ensure_export(artifact: Path, target: str, note: Callable[[str], None] | None = None,
+                  state: str | None = None) -> Path:
+    """The artifact's export folder for ``target``, (re)exported if missing or stale; ``note`` hears
+    why an export starts (it takes minutes), after the artifact verified. ``state``: its verified
+    state hash, if the caller already re-hashed the state."""
+    from saq_deploy.calibrate.artifact import verify_artifact
     from saq_deploy.export.api import EXPORT_DIR, MANIFEST_FILE, export_artifact
     from saq_deploy.utils.io import sha256_file
 
-    state = read_manifest(artifact)["state_sha256"]
+    # re-hash the state itself: a cached export must not vouch for a state that changed since
+    state = state or verify_artifact(artifact)["state_sha256"]
     folder = artifact / EXPORT_DIR / target
     mf = folder / MANIFEST_FILE
     if mf.exists():
@@ -57,6 +62,9 @@ def ensure_export(artifact: Path, target: str) -> Path:
             (folder / f).exists() and sha256_file(folder / f) == h for f, h in m.get("files", {}).items())
         if fresh:
             return folder
+    if note is not None:
+        why = "is stale (the artifact changed since)" if mf.exists() else "does not exist"
+        note(f"the ONNX export for {target} in {artifact} {why}; exporting it now")
     return export_artifact(artifact, (target,))[target]
 
 
@@ -78,15 +86,17 @@ def check_onnx_inputs(path: Path, specs: list[dict]) -> None:
 
 def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str | Path | None = None, *,
                  onnx_file: str | Path | None = None, providers: list[str] | None = None, opt_level: str = "all",
-                 max_batch: int | None = None, profile: str | Path | None = None, parity: dict | None = None) -> Path:
+                 max_batch: int | None = None, profile: str | Path | None = None, parity: dict | None = None,
+                 note: Callable[[str], None] | None = None) -> Path:
     """Build the engine folder; returns its path (default ``<artifact>/engine`` for ONNX Runtime,
-    ``engines/out/<artifact>-<profile>/`` for TensorRT, whose ``profile`` is a build-profile TOML)."""
-    from saq_deploy.calibrate.artifact import read_manifest
+    ``engines/out/<artifact>-<profile>/`` for TensorRT, whose ``profile`` is a build-profile TOML).
+    ``note`` hears when an export has to run first and which leftovers of a killed build it removed."""
+    from saq_deploy.calibrate.artifact import verify_artifact
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     artifact = Path(artifact)
-    am = read_manifest(artifact)
+    am = verify_artifact(artifact)  # bits (thresholds) come from the verified manifest
     if max_batch is not None and max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
     prof = None
@@ -97,7 +107,7 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
         if max_batch is not None and max_batch > prof.batches[2]:
             raise ConfigError(f"--max-batch {max_batch} exceeds the build profile's maximum engine batch "
                               f"{prof.batches[2]} (batch.max, doubled when cfg = true)")
-    export_dir = ensure_export(artifact, TARGET_OF[backend])
+    export_dir = ensure_export(artifact, TARGET_OF[backend], note, state=am["state_sha256"])
     em = json.loads((export_dir / "manifest.json").read_text())
     src = Path(onnx_file) if onnx_file else export_dir / (prof.onnx_file if prof else "model.onnx")
     if not src.exists():
@@ -105,8 +115,13 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
     check_onnx_inputs(src, em["inputs"])
     default_out = artifact / "engine" if prof is None else trt_backend.default_output(artifact, prof)
     out = Path(output) if output else default_out
+    _refuse_foreign_output(out)  # before the (slow) build: a user's file or folder is never replaced
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    from saq_deploy.utils.io import owned_temp_prefix, remove_stale_temps
+
+    # a build killed mid-way (kill -9, power cut: no cleanup ran) leaves its temp folders here
+    remove_stale_temps(out.parent, (f".{out.name}-", f".{out.name}-old-"), "an interrupted build-engine", note)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=owned_temp_prefix(f".{out.name}-")))
     try:
         if backend == "onnxruntime":
             files, build = _build_ort(src, tmp, em, providers, opt_level)
@@ -119,6 +134,11 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
         _write_manifest(tmp, backend, engine_file, files, build, am, em, export_dir, src, max_batch,
                         parity or default_parity(am.get("bits")))
         _replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from saq_deploy.utils.io import name_intended
+
+        raise name_intended(e, tmp, out)  # "no space left ... while writing <out>/model.onnx"
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -136,10 +156,10 @@ def _build_ort(src: Path, tmp: Path, em: dict, providers, opt_level: str) -> tup
 
 def _write_manifest(tmp: Path, backend: str, engine_file: str, files: dict, build: dict, am: dict, em: dict,
                     export_dir: Path, src: Path, max_batch: int | None, parity: dict) -> None:
-    from saq_deploy.utils.io import sha256_file, write_json_atomic
+    from saq_deploy.utils.io import seal_manifest, sha256_file, write_json_atomic
     from saq_deploy.utils.versions import package_versions
 
-    write_json_atomic(tmp / "manifest.json", {
+    write_json_atomic(tmp / "manifest.json", seal_manifest({
         "artifact": "saq-deploy-engine", "backend": backend, "engine_file": engine_file, "files": files,
         "build": build, "inputs": em["inputs"], "outputs": em["outputs"],
         "shapes": {"sample": em["inputs"][0]["shape"][1:], "max_batch": max_batch},
@@ -150,13 +170,33 @@ def _write_manifest(tmp: Path, backend: str, engine_file: str, files: dict, buil
         "model_meta": em["model_meta"], "qdq": {"not_represented": em["qdq"]["not_represented"],
                                                 "weight_formats": em["qdq"]["weight_formats"]},
         "parity": parity, "versions": package_versions(),
-    })
+    }))
+
+
+def _refuse_foreign_output(out: Path) -> None:
+    """An existing ``out`` may only be an engine folder this tool wrote (it is then rebuilt)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    what = "a file" if not out.is_dir() else "a folder that is not a saq-deploy engine (no engine manifest.json)"
+    if out.is_dir() and not out.is_symlink():
+        try:
+            if json.loads((out / "manifest.json").read_text()).get("artifact") == "saq-deploy-engine":
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    raise ConfigError(f"output '{out}' exists and is {what}; it is left untouched: "
+                      "choose another -o or remove it yourself")
 
 
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished temp folder onto ``out`` (an old engine is removed only after)."""
+    from saq_deploy.utils.io import publish_mode
+
+    publish_mode(tmp)  # mkdtemp made it 0700; the engine folder gets the user's usual mode
     if out.exists():
-        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+        from saq_deploy.utils.io import owned_temp_prefix
+
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=owned_temp_prefix(f".{out.name}-old-")))
         out.rename(trash / out.name)
         tmp.rename(out)
         shutil.rmtree(trash, ignore_errors=True)

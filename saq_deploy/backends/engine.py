@@ -136,12 +136,16 @@ def verify_files(path: Path, manifest: dict) -> None:
 
 def load_engine(path: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
                 verify: bool = True, force: bool = False) -> Engine:
-    """Open an engine folder with the backend its manifest names."""
+    """Open an engine folder with the backend its manifest names. ``force``: TensorRT only, run a
+    version-compatible plan built by another TensorRT version (see tensorrt_runtime.check_compat)."""
     path = Path(path)
     manifest = read_engine_manifest(path)
     if verify:
         verify_files(path, manifest)
     backend = manifest.get("backend")
+    if force and backend != "tensorrt":  # refused, not ignored: the user expects it to change something
+        raise ConfigError(f"--force applies to TensorRT plans only (version-compatible ones built by another "
+                          f"TensorRT version); the engine '{path}' runs on {backend}: drop --force")
     if backend == "onnxruntime":
         from saq_deploy.backends.onnxruntime import OrtRunner
 

@@ -80,11 +80,36 @@ def optimize_model(onnx_path: Path, out_path: Path, *, opt_level: str = "all", p
     try:
         ort.InferenceSession(str(onnx_path), so, providers=provs, disabled_optimizers=list(disabled_optimizers))
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        if "serialization failed" in str(e).lower():  # writing out_path failed, not reading the source
+            raise _write_error(out_path, e) from e
         raise ModelLoadError(f"ONNX Runtime could not build '{onnx_path}': {str(e).splitlines()[0]}") from e
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        raise ModelLoadError(f"ONNX Runtime did not write its optimized graph to '{out_path}'")
     return {"onnxruntime": ort.__version__, "providers": provs, "graph_optimization_level": opt_level,
             "disabled_optimizers": list(disabled_optimizers), "matmulnbits_accuracy_level": nbits_accuracy,
             "build_time_s": round(time.perf_counter() - t0, 3),
             "machine": {"processor": platform.processor() or platform.machine(), "system": platform.system()}}
+
+
+def _write_error(path: Path, exc: Exception) -> Exception:
+    """ORT reports a failed write of the optimized graph (disk full, file size limit) only as
+    INVALID_PROTOBUF "serialization failed", which reads like a broken source model. Writing more
+    to the same partial file makes the kernel say what happened (ENOSPC, EFBIG, EDQUOT); the file
+    is temp output, removed here."""
+    import errno
+    import os
+
+    try:
+        with open(path, "ab") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())  # delayed allocation: a full disk may only show at fsync
+    except OSError as e:
+        return OSError(e.errno, os.strerror(e.errno or errno.EIO), str(path))
+    finally:
+        path.unlink(missing_ok=True)
+    return ModelLoadError(f"ONNX Runtime could not write its optimized graph to '{path}' "
+                          f"({str(exc).splitlines()[0]}); check that folder is writable and has space")
 
 
 class OrtRunner:

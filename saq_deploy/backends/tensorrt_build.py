@@ -1,6 +1,6 @@
 """TensorRT build: the ``tensorrt``-target Q/DQ ONNX -> strongly typed network -> plan + audit.
 
-Flow (deployment-facts 2.1), written to the documented TensorRT 10/11 Python API:
+Flow (docs/design/deployment.md §2.1), written to the documented TensorRT 10/11 Python API:
 Logger -> ``Builder`` -> network (``STRONGLY_TYPED`` creation flag on 10.x; 11.x is always strongly
 typed) -> ``OnnxParser.parse_from_file`` (every parser error reported) -> builder config (workspace
 pool limit, optimization level, DETAILED profiling verbosity for the inspector, optional

@@ -1,6 +1,6 @@
 """TensorRT runtime: load checks (pure), the module import, and the runner over torch CUDA tensors.
 
-A plan is tied to the TensorRT version and the GPU that built it (deployment-facts 2.3), so
+A plan is tied to the TensorRT version and the GPU that built it (docs/design/deployment.md §2.3), so
 ``load_runner`` compares the engine manifest with the running TensorRT and GPU first
 (:func:`check_compat`) and only then deserializes. ``force`` is for version-compatible plans only:
 their embedded lean runtime lets a newer TensorRT run an older plan (forward only), on the same

@@ -1,4 +1,4 @@
-"""Calibration driven by real sampler trajectories (SAQ, method doc §2-§3).
+"""Calibration driven by real sampler trajectories (SAQ, docs/design/method.md §2-§3).
 
 ``collect_trajectories`` records dual-order FP data from a sampler callback into safetensors
 shards; ``TrajectoryDataset`` streams it back. Imports no ONNX Runtime or TensorRT.

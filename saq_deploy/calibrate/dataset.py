@@ -73,7 +73,7 @@ def shard_name(index: int) -> str:
 
 
 def pairing_fields(pairing: str) -> tuple[StudentFields, TargetFields]:
-    """Which stored fields are the student's input and the target for a pairing (method doc §2.2).
+    """Which stored fields are the student's input and the target for a pairing (docs/design/method.md §2.2).
 
     ``outer_to_intermediate`` (default, MOTA): quantized net at the outer point, FP target at the
     intermediate point. ``intermediate_to_outer``: the reverse reading, for the ablation.

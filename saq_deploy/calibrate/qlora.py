@@ -1,4 +1,4 @@
-"""SA-QLoRA and the QLoRA-MSE baseline: quantization-aware LoRA fine-tuning (method doc §5).
+"""SA-QLoRA and the QLoRA-MSE baseline: quantization-aware LoRA fine-tuning (docs/design/method.md §5).
 
 The quantized UNet gets a LoRA on every main-spec Conv/Linear (W_q = Q(W + B·A), see
 `saq_deploy.quant.lora`); keep_8bit layers (conv_in, conv_out, time embedding, ...) stay 8-bit
@@ -109,7 +109,7 @@ def student_eps(unet: nn.Module, x: Tensor, t: float, labels: Tensor | None, nul
 
 def qlora_loss(eps_q: Tensor, target: Tensor, cos_weight: float) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, mse, 1 - cos): squared error summed over elements, batch mean, plus cos_weight times
-    the batch mean of 1 - cosine similarity (direction term, §2.3)."""
+    the batch mean of 1 - cosine similarity (direction term, method.md §2.3)."""
     mse = (eps_q - target).pow(2).flatten(1).sum(1).mean()
     cos = (1 - F.cosine_similarity(eps_q.flatten(1), target.flatten(1), dim=1)).mean()
     return mse + cos_weight * cos, mse, cos
@@ -209,7 +209,10 @@ def _read_ckpt(work: Path, rhash: str) -> dict | None:
     if info.get("recipe_hash") != rhash:
         return None
     data = torch.load(tensors, map_location="cpu", weights_only=True)
-    if data.get("epochs_done") != info.get("epochs_done"):  # the json is written last: trust a match only
+    # the tensors are written first, the json last: a kill between the two leaves the tensors one
+    # epoch ahead. They hold everything a resume needs (history included) and were written by this
+    # recipe's run (the json's hash says so), so resume from them instead of starting over.
+    if data.get("epochs_done") not in (info.get("epochs_done"), info.get("epochs_done", -2) + 1):
         return None
     return data
 
@@ -230,13 +233,12 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
               max_epochs: int | None = None):
     """Fine-tune ``loaded.unet`` (quantized in place). Returns (unet, quant config, manifest info),
     or None when stopped after ``max_epochs`` new epochs (checkpoint kept for resume)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from saq_deploy.calibrate.run import quant_config_for
     from saq_deploy.calibrate.trajectory import outer_grid
     from saq_deploy.models.eps_model import TorchEpsModel
     from saq_deploy.models.guidance import ClassifierFreeGuidance
     from saq_deploy.quant.lora import clamp_positive_, merge_lora_
+    from saq_deploy.utils.progress import progress as progress_for
 
     c, q = recipe.calibration, recipe.qlora
     schedule = loaded.schedule()
@@ -269,9 +271,8 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
         sched.load_state_dict(ckpt["sched"])
         start, history, train_s = ckpt["epochs_done"], ckpt["history"], ckpt["train_s"]
     loaded.unet = unet
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task(c.method, total=q.epochs * per_epoch, completed=start * per_epoch)
+    with progress_for(progress, "calibrate") as bar:
+        task = bar.task(c.method, total=q.epochs * per_epoch, completed=start * per_epoch)
         for epoch in range(start, q.epochs):
             if max_epochs is not None and epoch - start >= max_epochs:
                 return None
@@ -293,8 +294,8 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
                     for k, v in enumerate((loss, mse, cos)):
                         sums[k] += float(v.detach())
                     n += 1
-                    bar.update(task, advance=1, description=f"{c.method} epoch {epoch + 1}/{q.epochs} "
-                                                            f"N={steps} loss {float(loss.detach()):.4g}")
+                    task.advance(1, description=f"{c.method} epoch {epoch + 1}/{q.epochs} "
+                                                f"N={steps} loss {float(loss.detach()):.4g}")
             train_s += time.perf_counter() - t0
             history.append({"epoch": epoch + 1, "loss": sums[0] / n, "mse": sums[1] / n, "one_minus_cos": sums[2] / n,
                             "seconds": round(time.perf_counter() - t0, 2)})

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-import tomllib
-
-from saq_deploy.errors import ConfigError
+from saq_deploy.errors import BadOptionError, ConfigError
 
 METHODS = ("minmax", "percentile", "mse", "brecq", "sa-ptq", "modelopt-int8", "sa-qlora", "qlora-mse")
 RECON_METHODS = ("brecq", "sa-ptq")
@@ -46,6 +45,33 @@ ORIENTATIONS = ("outer_to_intermediate", "intermediate_to_outer")
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{what} = {value!r} is not supported; choose one of: {', '.join(allowed)}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_types(section: str, sec_cls: type, values: dict) -> None:
+    """TOML gives str/int/float/bool/list: check them against the field types here, so a quoted
+    number (``seed = "0"``) is one line naming the key rather than a TypeError deep in a run."""
+    hints = get_type_hints(sec_cls)
+    for name, value in values.items():
+        want = hints[name]
+        if want is bool:
+            ok = isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif want is str:
+            ok = isinstance(value, str)
+        else:  # tuple[int, ...] (qlora.mixstep): its section checks it with a fuller message
+            ok = True
+        if not ok:
+            expected = _TYPE_NAMES[want]
+            hint = "; TOML numbers are written without quotes" if want in (int, float) and \
+                isinstance(value, str) else ""
+            raise ConfigError(f"recipe key {section}.{name} must be {expected}, got {value!r} "
+                              f"({type(value).__name__}){hint}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +151,7 @@ class ReconstructionSection:
 
 @dataclass(frozen=True)
 class QLoRASection:
-    """SA-QLoRA / QLoRA-MSE fine-tuning (method doc §5; `saq_deploy.calibrate.qlora`)."""
+    """SA-QLoRA / QLoRA-MSE fine-tuning (docs/design/method.md §5; `saq_deploy.calibrate.qlora`)."""
 
     rank: int = 32
     alpha: float = 32.0  # LoRA scaling alpha / rank
@@ -192,6 +218,7 @@ class Recipe:
             if bad:
                 raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(bad))}; "
                                   f"known: {', '.join(sorted(known))}")
+            _check_types(name, sec_cls, values)
             kwargs[name] = sec_cls(**values)
         return cls(**kwargs)
 
@@ -205,13 +232,20 @@ class Recipe:
             if section not in data or name not in data[section]:
                 raise ConfigError(f"unknown recipe override {key!r}")
             data[section][name] = value
-        return Recipe.from_dict(data)
+        try:
+            return Recipe.from_dict(data)
+        except BadOptionError:
+            raise
+        except ConfigError as e:  # this recipe was valid before: the command-line value is wrong (exit 2)
+            raise BadOptionError(f"{e} (set by a command-line option)") from None
 
 
 def load_recipe(path: str | Path | None) -> Recipe:
     if path is None:
         return Recipe()
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe '{path}' is a folder; pass a recipe file (e.g. calibration/digits_w8a8_sa-ptq.toml)")
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' does not exist (recipes live in calibration/*.toml)")
     try:

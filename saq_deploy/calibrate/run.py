@@ -4,7 +4,13 @@ Work in progress lives in ``.<out>.partial/`` beside the output: the trajectory 
 reconstruction methods, a checkpoint after every block. Re-running the same recipe after a kill
 resumes at the last finished block and ends bit-identical to an uninterrupted run (CPU): every
 block is trained from its own seed, and the checkpoint holds the exact integer weights and steps.
-The output folder appears only when everything succeeded (atomic rename)."""
+The output folder appears only when everything succeeded (atomic rename).
+
+After a kill -9 the same command cleans up what the kill left (docs/results/faults.md measures it):
+a kill during data collection leaves ``.data.*.tmp`` in ``.partial/``, which the re-run removes
+(saying so on stderr) before collecting again, as shards are trusted only once renamed into place;
+a kill after the artifact's rename but before ``.partial`` was removed leaves a complete artifact,
+which the re-run verifies before removing ``.partial`` and succeeding."""
 
 from __future__ import annotations
 
@@ -53,7 +59,10 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     from saq_deploy.models.loading import load_model
 
     out_dir = Path(out_dir)
+    work = out_dir.parent / f".{out_dir.name}.partial"
     if out_dir.exists():
+        if _finish_cleanup(out_dir, work, recipe):
+            return out_dir
         raise ConfigError(f"output '{out_dir}' already exists; pass another -o or delete it")
     if recipe.calibration.method == "modelopt-int8":
         from saq_deploy.calibrate.modelopt_baseline import INSTALL_HINT, modelopt_available
@@ -62,7 +71,6 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
             raise BackendUnavailableError(f"method 'modelopt-int8' needs NVIDIA ModelOpt: {INSTALL_HINT}")
         if recipe.quant.bits != "w8a8":
             raise ConfigError("modelopt-int8 is an INT8 baseline: use --bits w8a8")
-    work = out_dir.parent / f".{out_dir.name}.partial"
     rhash = recipe_hash(recipe)
     info_path = work / CKPT_INFO
     if info_path.exists() and json.loads(info_path.read_text()).get("recipe_hash") != rhash:
@@ -70,9 +78,9 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
                           "re-run with the same recipe to resume")
     t0 = time.perf_counter()
     loaded = load_model(recipe.model.spec)
-    if loaded.kind != "class":
+    if loaded.kind not in ("class", "uncond"):  # cross-attention needs prompt-embedding data (not yet)
         raise ConfigError("calibration currently supports class-conditional or unconditional UNet2DModel "
-                          f"inputs; this model is '{loaded.kind}'")
+                          f"inputs; this model is '{loaded.kind}' (cross-attention)")
     work.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed load leaves no .partial
     from saq_deploy.calibrate.steps import collect_or_open, run_pipeline
 
@@ -110,6 +118,30 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     fsync_dir(out_dir.parent)
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _finish_cleanup(out_dir: Path, work: Path, recipe: Recipe) -> bool:
+    """True when a run of this recipe was killed after renaming its artifact into place but before
+    removing its ``.partial`` folder (or while removing it): the artifact is complete and verified, so
+    finish the cleanup, say so, and let the re-run succeed instead of refusing an existing output."""
+    import sys
+
+    from saq_deploy.calibrate.artifact import RECIPE_FILE, verify_artifact
+    from saq_deploy.errors import ModelLoadError
+
+    if not work.is_dir():
+        return False
+    try:
+        verify_artifact(out_dir)
+        same = json.loads((out_dir / RECIPE_FILE).read_text()) == json.loads(json.dumps(recipe.to_dict(), default=str))
+    except (ModelLoadError, OSError, ValueError):
+        return False
+    if not same:
+        return False
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"removed {work} left by a run killed after it wrote '{out_dir}'; the artifact is complete",
+          file=sys.stderr)
+    return True
 
 
 def build_manifest(recipe: Recipe, loaded, ds, qcfg, block_losses: list[dict], wall: float) -> dict:

@@ -15,10 +15,12 @@ CKPT_STATE, CKPT_INFO = "ckpt.safetensors", "ckpt.json"
 
 
 def collect_or_open(loaded, recipe: Recipe, data_dir: Path, *, progress: bool):
-    """Reuse the trajectory shards of an interrupted run, else collect them."""
+    """Reuse the trajectory shards of an interrupted run, else collect them (after checking that
+    the recipe's quantization fits the model: a misfit must not cost minutes of sampling first)."""
     from saq_deploy.calibrate.dataset import TrajectoryDataset
     from saq_deploy.calibrate.trajectory import collect_trajectories
 
+    check_block_sizes(loaded.unet, recipe, loaded.schedule().num_train_timesteps)
     if (data_dir / "manifest.json").exists():
         return TrajectoryDataset(data_dir)
     c = recipe.calibration
@@ -28,6 +30,31 @@ def collect_or_open(loaded, recipe: Recipe, data_dir: Path, *, progress: bool):
         seed=c.seed, cfg=c.cfg, num_classes=loaded.num_classes, null_label=loaded.null_label,
         sample_shape=loaded.sample_shape, sampler=c.sampler, spacing=c.spacing, pairing=pairing,
         model_hash=loaded.source_hash, progress=progress)
+
+
+def check_block_sizes(unet, recipe: Recipe, num_train_timesteps: int) -> None:
+    """One ConfigError, in recipe terms, if an INT4 block size does not divide a Linear's input width.
+
+    No silent per-layer fallback: a layer quietly left per-channel would export differently from
+    what the recipe says (TensorRT's INT4 GEMMs want blocks); ``quant.weight_block_size = 0``
+    (per-channel INT4 on every 4-bit Linear) is the recipe's own fallback."""
+    from saq_deploy.calibrate.run import quant_config_for
+    from saq_deploy.errors import ConfigError
+    from saq_deploy.quant.api import block_size_conflicts
+
+    bs = recipe.quant.weight_block_size
+    bad = block_size_conflicts(unet, quant_config_for(recipe, num_train_timesteps))
+    if not bad:
+        return
+    name, width = bad[0]
+    widths = {w for _, w in bad}
+    fits = [b for b in (64, 128) if all(w % b == 0 for w in widths)]
+    fix = (f"set quant.weight_block_size = {' or '.join(map(str, fits))}, or 0 for per-channel INT4" if fits
+           else "neither 64 nor 128 (TensorRT's INT4 block sizes) divides it: set quant.weight_block_size = 0 "
+                "(per-channel INT4)")
+    more = f" (and {len(bad) - 1} more Linear layer(s), input widths {sorted(widths)})" if len(bad) > 1 else ""
+    raise ConfigError(f"quant.weight_block_size = {bs} does not divide the input width {width} of Linear "
+                      f"layer '{name}'{more}; {fix}")
 
 
 class Records:
@@ -99,7 +126,7 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
     records = Records(ds, recipe, loaded.null_label)
     ckpt = _read_ckpt(work, rhash)
     if ckpt is not None:
-        unet = _restore(fp_unet, qcfg, work)
+        unet = _restore(fp_unet, qcfg, work, ckpt["layer_specs"])
         done, losses = ckpt["blocks_done"], ckpt["block_losses"]
     else:
         unet = loaded.unet
@@ -126,10 +153,9 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
 
 def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work: Path, rhash: str,
                      done: int, losses: list, *, progress: bool, max_blocks: int | None) -> bool:
-    from rich.progress import Progress
-
     from saq_deploy.calibrate.blocks import capture, find_blocks
     from saq_deploy.calibrate.reconstruct import ReconSettings, reconstruct_block
+    from saq_deploy.utils.progress import progress as progress_for
 
     T, groups, r = qcfg.num_train_timesteps, qcfg.act.timestep_groups, recipe.reconstruction
     settings = ReconSettings(iters=r.iters, batch_size=r.batch_size, lr_round=r.lr_round, lr_act=r.lr_act,
@@ -143,31 +169,38 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
     blocks = [(n, b) for n, b in find_blocks(unet, one) if not isinstance(b, tuple(_leaf_types()))]
     fp_modules = dict(fp_unet.named_modules())
     new_blocks = 0
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("reconstruct", total=len(blocks), completed=done)
+    with progress_for(progress, "calibrate") as bar:
+        task = bar.task("reconstruct", total=len(blocks), completed=done)
         for bi in range(done, len(blocks)):
             if max_blocks is not None and new_blocks >= max_blocks:
                 return False
             name, block = blocks[bi]
             inputs = capture(block, Records.feeds(unet, records.student, groups, T), what="input")
             targets = capture(fp_modules[name], Records.feeds(fp_unet, records.target, groups, T), what="output")
-            bar.update(task, description=f"{name}")
+            task.update(description=f"reconstruct {name}")
             res = reconstruct_block(
                 block, inputs, targets, records.student[1], settings, seed=recipe.calibration.seed * 100_003 + bi,
-                on_iter=lambda it, loss, name=name: bar.update(task, description=f"{name} loss {loss:.4g}")
+                on_iter=lambda it, loss, name=name: task.update(description=f"reconstruct {name} loss {loss:.4g}")
                 if it % 25 == 0 else None)
             losses.append({"block": name, **res})
             _write_ckpt(work, unet, rhash, bi + 1, losses)
-            bar.update(task, completed=bi + 1)
+            task.update(completed=bi + 1)
             new_blocks += 1
     return True
 
 
 def _read_ckpt(work: Path, rhash: str) -> dict | None:
-    info = work / CKPT_INFO
-    if not info.exists() or not (work / CKPT_STATE).exists():
+    """The checkpoint's facts live in the safetensors header itself (one atomic file): a kill between
+    writing it and ``ckpt.json`` (kept for the recipe check in run.py) cannot pair new state with an
+    old block count, which would reconstruct a block twice and break byte-identical resume."""
+    from safetensors import safe_open
+
+    state = work / CKPT_STATE
+    if not state.exists():
         return None
-    data = json.loads(info.read_text())
+    with safe_open(str(state), framework="pt") as f:
+        meta = f.metadata() or {}
+    data = json.loads(meta.get("ckpt", "{}"))
     return data if data.get("recipe_hash") == rhash else None
 
 
@@ -177,18 +210,19 @@ def _write_ckpt(work: Path, unet, rhash: str, blocks_done: int, losses: list) ->
     from saq_deploy.quant.state import quant_layer_specs, quant_state_dict
     from saq_deploy.utils.io import atomic_path, write_json_atomic
 
+    info = {"recipe_hash": rhash, "blocks_done": blocks_done, "block_losses": losses,
+            "layer_specs": quant_layer_specs(unet)}
     with atomic_path(work / CKPT_STATE) as tmp:
-        save_file({k: v.contiguous() for k, v in quant_state_dict(unet).items()}, str(tmp))
-    write_json_atomic(work / CKPT_INFO, {"recipe_hash": rhash, "blocks_done": blocks_done,
-                                         "block_losses": losses, "layer_specs": quant_layer_specs(unet)})
+        save_file({k: v.contiguous() for k, v in quant_state_dict(unet).items()}, str(tmp),
+                  metadata={"ckpt": json.dumps(info, sort_keys=True)})
+    write_json_atomic(work / CKPT_INFO, info)
 
 
-def _restore(fp_unet, qcfg, work: Path):
+def _restore(fp_unet, qcfg, work: Path, specs: list):
     from safetensors.torch import load_file
 
     from saq_deploy.quant.state import load_quant_state
 
     unet = copy.deepcopy(fp_unet)
-    specs = json.loads((work / CKPT_INFO).read_text())["layer_specs"]
     load_quant_state(unet, qcfg, load_file(str(work / CKPT_STATE)), specs)
     return unet.eval()

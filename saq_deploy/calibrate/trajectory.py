@@ -1,14 +1,14 @@
-"""Dual-order calibration data (method doc §3): FP sampler trajectories recorded via the callback.
+"""Dual-order calibration data (docs/design/method.md §3): FP sampler trajectories recorded via the callback.
 
 For each seeded x_T the full-precision model (with classifier-free guidance) is run once and every
 outer step i gives one record per sample (layout in :mod:`saq_deploy.calibrate.dataset`):
 
-- ``dpm-solver-2`` (MOTA, §2): singlestep DPM-Solver-2 with r1 = 1/2. Student point = the outer
+- ``dpm-solver-2`` (MOTA, method.md §2): singlestep DPM-Solver-2 with r1 = 1/2. Student point = the outer
   point (x~_{t_{i-1}}, t_{i-1}); target = FP eps at the intermediate point (u_i, s_i). The
   trajectory follows the FP second-order states (teacher forcing), so x_outer of step i+1 is the
   DPM-Solver-2 update of step i. A quantized DDIM step that outputs eps_inter at the outer point
-  reproduces the FP second-order step (§1.4).
-- ``plms`` (§6): FP PLMS. Student point = (x_t, t); target = the combined direction eps'_t the PLMS
+  reproduces the FP second-order step (method.md §1.4).
+- ``plms`` (method.md §6): FP PLMS. Student point = (x_t, t); target = the combined direction eps'_t the PLMS
   step actually used (Adams-Bashforth, improved Euler in the warm-up step), recovered from the
   step's x_from -> x_to through the DDIM update identity. There is no separate intermediate input:
   ``x_inter``/``t_inter`` equal the student point, so block-level MOTA degenerates to same-point
@@ -133,15 +133,11 @@ def _check_finite(rec: dict[str, Tensor], info: StepInfo) -> None:
 
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """``advance(n)`` for a rich progress bar over records, or a no-op."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import Progress  # lazy: only when asked for
+    """``advance(n)`` over records: a bar on a terminal, rate-limited log lines elsewhere, or a no-op."""
+    from saq_deploy.utils.progress import progress
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("collecting trajectories", total=total)
-        yield lambda n: bar.update(task, advance=n)
+    with progress(enabled, "calibrate", transient=True) as p:
+        yield p.task("collect trajectories", total=total).advance
 
 
 def _validate(sampler: str, pairing: str, num_samples: int, batch_size: int, shard_size: int, cfg: float) -> None:

@@ -34,7 +34,7 @@ class DataSampler(str, Enum):
 
 def calibrate_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to create.")],
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-c", help="Recipe TOML (calibration/*.toml).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-c", help="Recipe TOML (calibration/*.toml). Without it the built-in defaults run (builtin:digits, w8a8, sa-ptq; named on stderr first).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Override \\[model].spec.")] = None,
     bits: Annotated[Bits | None, typer.Option("--bits", help="Override \\[quant].bits.")] = None,
     method: Annotated[Method | None, typer.Option("--method", help="Override \\[calibration].method.")] = None,
@@ -57,5 +57,10 @@ def calibrate_cmd(
         "calibration.num_samples": num_samples, "calibration.seed": seed, "reconstruction.iters": iters,
         "qlora.epochs": epochs, "qlora.rank": rank,
     })
+    if recipe is None:
+        # defaults run for minutes: name them so a forgotten --recipe is seen before, not after
+        c = r.calibration
+        typer.echo(f"no --recipe: running the built-in defaults with your overrides (model {r.model.spec}, "
+                   f"{r.quant.bits}, {c.method}, {c.sampler} {c.steps} steps, {c.num_samples} samples)", err=True)
     out = calibrate(r, output, progress=True)
     typer.echo(f"wrote {out} ({r.calibration.method}, {r.quant.bits})")

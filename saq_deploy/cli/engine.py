@@ -30,6 +30,7 @@ class OptLevel(str, Enum):
 ArtifactArg = Annotated[Path, typer.Argument(help="Calibrated artifact folder (from saq-deploy calibrate).")]
 BackendOpt = Annotated[Backend, typer.Option("--backend", "-b", case_sensitive=False, help="Engine backend.")]
 EngineDirOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine folder (default: <artifact>/engine for onnxruntime).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Only for version-compatible TensorRT plans built by another TensorRT version: load them anyway.")]
 
 
 def export_cmd(
@@ -38,12 +39,12 @@ def export_cmd(
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Seeded samples whose trajectories give the export-time observer inputs.")] = 8,
 ) -> None:
     """Export the calibrated model as Q/DQ ONNX into <artifact>/onnx/<target>/."""
-    from saq_deploy.errors import ConfigError
+    from saq_deploy.errors import BadOptionError
     from saq_deploy.export.api import default_targets, export_artifact
     from saq_deploy.export.qdq import TARGETS
 
     if calib_samples < 1:
-        raise ConfigError(f"--calib-samples must be >= 1, got {calib_samples}")
+        raise BadOptionError(f"--calib-samples must be >= 1, got {calib_samples}")
     if target:
         targets = tuple(t.value for t in target)
     else:
@@ -63,13 +64,15 @@ def build_engine_cmd(
     profile: Annotated[Path | None, typer.Option("--profile", "-p", help="TensorRT build profile (engines/profiles/*.toml).")] = None,
     provider: Annotated[list[str] | None, typer.Option("--provider", help="ONNX Runtime execution provider(s), e.g. CUDAExecutionProvider (default: CPU).")] = None,
     opt_level: Annotated[OptLevel, typer.Option("--opt-level", case_sensitive=False, help="ONNX Runtime graph optimization level ('all' may use CPU-specific layouts; 'extended' is portable).")] = OptLevel.all,
-    max_batch: Annotated[int | None, typer.Option("--max-batch", help="Largest batch per engine call (bigger batches are split).")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Largest batch per engine call (bigger batches are split).")] = None,
 ) -> None:
     """Build an engine (ONNX Runtime everywhere, TensorRT on NVIDIA GPUs) from a calibrated artifact."""
     from saq_deploy.backends.build import build_engine
 
+    # the export takes minutes: say why build-engine is busy before it starts
     out = build_engine(artifact, backend.value, output, onnx_file=onnx_file, providers=provider,
-                       opt_level=opt_level.value, max_batch=max_batch, profile=profile)
+                       opt_level=opt_level.value, max_batch=max_batch, profile=profile,
+                       note=lambda line: typer.echo(line, err=True))
     typer.echo(f"wrote {out}/ ({backend.value} engine); next: saq-deploy validate {artifact} --backend {backend.value}")
 
 
@@ -77,16 +80,17 @@ def validate_cmd(
     artifact: ArtifactArg,
     backend: BackendOpt = Backend.onnxruntime,
     engine: EngineDirOpt = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Seeded samples per sampler for the parity gate.")] = 16,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps of the parity trajectories and the quality run.")] = 10,
-    quality_n: Annotated[int, typer.Option("--quality-n", help="Samples for the quality figures (0 = skip).")] = 200,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Seeded samples per sampler for the parity gate.")] = 16,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampling steps of the parity trajectories and the quality run.")] = 10,
+    quality_n: Annotated[int, typer.Option("--quality-n", min=0, help="Samples for the quality figures (0 = skip).")] = 200,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Report folder (default: <artifact>/validation/<backend>).")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Parity gate (engine vs fake-quant PyTorch); quality figures only if it passes. Exit 1 on failure."""
     from saq_deploy.validate import validate_engine
 
     r = validate_engine(artifact, backend.value, engine, n=num_samples, steps=steps, quality_n=quality_n,
-                        out_dir=output, log=lambda msg: typer.echo(msg, err=True))
+                        out_dir=output, log=lambda msg: typer.echo(msg, err=True), force=force)
     m = r["metrics"]
     typer.echo(f"parity {'PASSED' if r['passed'] else 'FAILED'}: median cosine {m['median_cosine']:.6f}, "
                f"SNR mean {m['mean_snr_db']:.1f} dB / p10 {m['p10_snr_db']:.1f} dB, "
@@ -108,8 +112,9 @@ def bench_cmd(
     artifact: ArtifactArg,
     backend: BackendOpt = Backend.onnxruntime,
     engine: EngineDirOpt = None,
-    batch: Annotated[int, typer.Option("--batch", help="Batch per UNet call.")] = 8,
-    calls: Annotated[int, typer.Option("--calls", help="Timed calls per variant (after 3 warm-up calls).")] = 20,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch per UNet call.")] = 8,
+    calls: Annotated[int, typer.Option("--calls", min=1, help="Timed calls per variant (after 3 warm-up calls).")] = 20,
+    force: ForceOpt = False,
 ) -> None:
     """Median latency per UNet call: engine vs PyTorch FP32 vs ONNX Runtime FP32, side by side."""
     import os
@@ -119,7 +124,7 @@ def bench_cmd(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from saq_deploy.validate.bench import bench_engine
 
-    r = bench_engine(artifact, backend.value, engine, batch=batch, calls=calls)
+    r = bench_engine(artifact, backend.value, engine, batch=batch, calls=calls, force=force)
     for k, v in r["median_ms"].items():
         typer.echo(f"{k:>28}: {v:8.2f} ms")
     typer.echo(f"engine speed-up: {r['speedup_vs_onnxruntime_fp32']:.2f}x vs ONNX Runtime FP32, "

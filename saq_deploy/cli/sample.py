@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from saq_deploy.cli.engine import ForceOpt
 from saq_deploy.cli.options import (
     ArtifactOpt,
     CfgOpt,
@@ -36,6 +37,7 @@ def sample_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per model call batch.")] = 64,
     cond_file: Annotated[Path | None, typer.Option("--cond-file", help="Cross-attention UNets: safetensors with 'cond' (1|N, L, D) and optional 'uncond' embeddings.")] = None,
     output: OutputOpt = Path("grid.png"),
+    force: ForceOpt = False,
 ) -> None:
     """Sample a grid PNG (and a JSON manifest beside it)."""
     from saq_deploy.api import sample_to_file
@@ -44,5 +46,5 @@ def sample_cmd(
     settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
                               label=label, spacing=spacing.value if spacing else None, batch_size=batch_size)
     out = sample_to_file(model, settings, output, cond_file=cond_file, artifact=artifact, engine=engine,
-                         progress=True)
+                         progress=True, force=force)
     typer.echo(f"wrote {out} ({num_samples} samples, {sampler.value}, {steps} steps, cfg {cfg})")

@@ -44,7 +44,17 @@ def serve_cmd(
     allow_ungated: Annotated[bool, typer.Option("--allow-ungated", help="DEVELOPMENT ONLY: serve an engine "
                                                 "without a passing parity gate (every response carries a "
                                                 "warning header).")] = False,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client has to send its "
+                                                  "request line and headers (then 408 and the connection "
+                                                  "is closed).")] = 10.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client has to send its request "
+                                                "body once the headers are in (then 408 and close).")] = 30.0,
+    max_in_flight: Annotated[int, typer.Option("--max-in-flight", help="Requests handled at once before 503 "
+                                               "(/healthz and /readyz are exempt).")] = 512,
     threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="TensorRT only: load a plan built by another TensorRT "
+                                        "version. Only for version-compatible plans (build profile "
+                                        "version_compatible = true); others are still refused.")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve generated images over HTTP (POST /v1/generate; /healthz, /readyz, /v1/model, /docs)."""
@@ -62,9 +72,12 @@ def serve_cmd(
             typer.echo(f"WARNING: {warning}", err=True)
     config = ServeConfig(max_batch=max_batch, queue_size=queue_size, timeout_s=timeout, strict=strict,
                          max_body_bytes=max_body_bytes, max_n=max_n, max_steps=max_steps,
-                         allow_ungated=allow_ungated, api_key=api_key)
+                         allow_ungated=allow_ungated, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                         max_in_flight=max_in_flight, api_key=api_key)
+    if force and backend is not ServeBackend.tensorrt:
+        raise ConfigError("--force applies to TensorRT plans only (--backend tensorrt)")
     run_server(artifact, backend=backend.value, engine=engine, host=host, port=port, config=config,
-               threads=threads, log_level=log_level.lower(), echo=lambda s: typer.echo(s, err=True))
+               threads=threads, log_level=log_level.lower(), force=force, echo=lambda s: typer.echo(s, err=True))
 
 
 def export_triton_cmd(

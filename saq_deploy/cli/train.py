@@ -26,10 +26,12 @@ def train_reference_cmd(
 def train_classifier_cmd(
     seed: SeedOpt = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/reference"),
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs (default: 20, "
+                                               "as for the committed weights).")] = None,
 ) -> None:
     """Train the digit classifier used for metrics and write FID reference statistics."""
     from saq_deploy.eval.train_classifier import train_and_save
 
     output.mkdir(parents=True, exist_ok=True)
-    report = train_and_save(output, seed=seed)
+    report = train_and_save(output, seed=seed, epochs=epochs, progress=True)
     typer.echo(f"wrote {output}: held-out accuracy {report.get('heldout_accuracy')}")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,9 +115,11 @@ def accuracy(
 
 
 def train_classifier(
-    seed: int = 0, *, epochs: int | None = None, config: ClassifierTrainConfig | None = None
+    seed: int = 0, *, epochs: int | None = None, config: ClassifierTrainConfig | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[DigitClassifier, dict]:
-    """Train on the "train" split, evaluate on "heldout". Returns ``(model in eval mode, report)``."""
+    """Train on the "train" split, evaluate on "heldout". Returns ``(model in eval mode, report)``;
+    ``on_epoch(epoch, train_loss)`` hears each finished epoch (progress)."""
     from saq_deploy.reference.data import load_digits_16
 
     cfg = config or ClassifierTrainConfig(seed=seed)
@@ -150,6 +153,8 @@ def train_classifier(
                 sched.step()
                 loss_sum += loss.item() * len(idx)
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / len(x_tr)})
+            if on_epoch is not None:
+                on_epoch(epoch + 1, history[-1]["train_loss"])
         train_time = time.perf_counter() - t0
         model.eval()
         report = {

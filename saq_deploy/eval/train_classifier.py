@@ -16,17 +16,37 @@ from pathlib import Path
 from saq_deploy.reference import DIGITS_CLASSIFIER_PATH, DIGITS_FID_STATS_PATH, WEIGHTS_DIR
 
 
-def train_and_save(out_dir: str | Path = WEIGHTS_DIR, seed: int = 0, *, epochs: int | None = None) -> dict:
-    """Train the classifier, save weights, report and real-digit FID stats to ``out_dir``; return the report."""
-    from saq_deploy.eval.classifier import save_classifier, train_classifier
+def train_and_save(out_dir: str | Path = WEIGHTS_DIR, seed: int = 0, *, epochs: int | None = None,
+                   progress: bool = False) -> dict:
+    """Train the classifier, save weights, report and real-digit FID stats to ``out_dir``; return the report.
+
+    ``progress``: report the stages (a bar on a terminal, log lines otherwise)."""
+    from saq_deploy.eval.classifier import ClassifierTrainConfig, train_classifier
+    from saq_deploy.utils.progress import progress as progress_for
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_epochs = ClassifierTrainConfig().epochs if epochs is None else epochs
+    # one step per epoch plus the FID statistics: a log says which epoch runs and at what loss
+    with progress_for(progress, "train-classifier") as bar:
+        task = bar.task(f"train epoch 0/{n_epochs}", total=n_epochs + 1)
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            task.update(completed=epoch, description=f"train epoch {epoch}/{n_epochs} loss {loss:.4f}")
+
+        model, report = train_classifier(seed, epochs=epochs, on_epoch=on_epoch)
+        task.advance(1, description="FID statistics and write")
+        report = _stats_and_save(model, report, out)
+        task.advance(1)
+    return report
+
+
+def _stats_and_save(model, report: dict, out: Path) -> dict:
+    from saq_deploy.eval.classifier import save_classifier
     from saq_deploy.eval.features import DigitFeatures
     from saq_deploy.eval.fid import compute_stats, frechet_distance
     from saq_deploy.reference.data import load_digits_16
     from saq_deploy.utils.io import write_bytes_atomic
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, report = train_classifier(seed, epochs=epochs)
 
     extractor = DigitFeatures(model)
     images, labels = load_digits_16(split="all")
@@ -64,5 +84,5 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
-    result = train_and_save(args.out_dir, args.seed, epochs=args.epochs)
+    result = train_and_save(args.out_dir, args.seed, epochs=args.epochs, progress=True)
     print(json.dumps(result, indent=2))

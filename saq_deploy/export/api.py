@@ -19,7 +19,7 @@ import onnx
 
 from saq_deploy.errors import ConfigError
 from saq_deploy.export.qdq import TARGETS
-from saq_deploy.utils.io import fsync_tree
+from saq_deploy.utils.io import fsync_tree, name_intended, owned_temp_prefix, publish_mode
 
 EXPORT_DIR = "onnx"
 MODEL_FILE = "model.onnx"
@@ -132,9 +132,12 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
     root = artifact / EXPORT_DIR
     root.mkdir(exist_ok=True)
     out = {}
-    with tempfile.TemporaryDirectory(dir=root, prefix=".fp-") as tmp:
+    with tempfile.TemporaryDirectory(dir=root, prefix=owned_temp_prefix(".fp-")) as tmp:
         fp_path = Path(tmp) / "fp32.onnx"
-        specs = export_unet_onnx(q.fp_unet, q.loaded.kind, q.loaded.sample_shape, fp_path)
+        try:
+            specs = export_unet_onnx(q.fp_unet, q.loaded.kind, q.loaded.sample_shape, fp_path)
+        except OSError as e:  # torch's failed write (disk full) names no file: name the export folder
+            raise name_intended(e, tmp, root) from None
         fp_model = onnx.load(str(fp_path))
         for target in targets:
             model, rep = build_target_model(fp_model, plan, target, feeds)
@@ -143,15 +146,11 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
 
 
 def remove_stale_export_temps(root: Path, target: str) -> list[Path]:
-    """An export killed mid-write leaves ``.<target>-*`` / ``.old-*`` beside its folder; they are never
-    read (only the renamed folder is), so remove them and say so on stderr."""
-    import sys
+    """An export killed mid-write leaves ``.<target>-*`` / ``.old-*`` / ``.fp-*`` in ``root``; they are
+    never read (only the renamed folder is), so remove those of dead processes and say so on stderr."""
+    from saq_deploy.utils.io import remove_stale_temps
 
-    stale = sorted(p for pat in (f".{target}-*", ".old-*") for p in root.glob(pat) if p.is_dir())
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-        print(f"removed stale temp folder {p} from an interrupted export", file=sys.stderr)
-    return stale
+    return remove_stale_temps(root, (f".{target}-", ".old-", ".fp-"), "an interrupted export")
 
 
 def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q, n_calls: int,
@@ -161,11 +160,13 @@ def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q
 
     final = root / target
     remove_stale_export_temps(root, target)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target}-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=owned_temp_prefix(f".{target}-")))
     try:
+        writing = final / MODEL_FILE  # what a failed onnx.save (it names no file) was writing
         onnx.save(model, str(tmp / MODEL_FILE))
         files = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
         if target == "tensorrt" and fp16:
+            writing = final / FP16_FILE
             onnx.save(to_fp16(model), str(tmp / FP16_FILE))
             files[FP16_FILE] = sha256_file(tmp / FP16_FILE)
         m = q.manifest
@@ -179,13 +180,18 @@ def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q
             "ort_disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS), "versions": package_versions(),
         })
         fsync_tree(tmp)
+        publish_mode(tmp)  # mkdtemp's 0700 -> the mode a plain mkdir would give
         if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=root, prefix=".old-"))
+            trash = Path(tempfile.mkdtemp(dir=root, prefix=owned_temp_prefix(".old-")))
             final.rename(trash / target)
             tmp.rename(final)
             shutil.rmtree(trash)
         else:
             tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # onnx.save's failed write (disk full) names no file, atomic writes name the temp folder's
+        raise name_intended(e, tmp, writing if e.filename is None else final) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

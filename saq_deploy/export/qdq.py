@@ -1,6 +1,6 @@
 """Our ONNX pass: put the calibrated artifact's scales into the FP graph as Q/DQ nodes.
 
-One set of scales, two placements (facts: deployment-facts.md sections 1.4 and 4.2):
+One set of scales, two placements (docs/design/deployment.md §1.4 and §4.2):
 
 - ``tensorrt``: Q/DQ on the inputs of every quantized Conv / Gemm / MatMul (activations per
   tensor, weights as int8 initializers + DequantizeLinear per output channel; INT4 blocked

@@ -3,8 +3,9 @@
 Accepted ``--model`` values:
 - ``builtin:digits``: the committed reference model;
 - a diffusers UNet folder (``config.json`` + weights; ``UNet2DModel`` or ``UNet2DConditionModel``)
-  with ``scheduler_config.json`` beside it or in ``../scheduler/`` (pipeline layout);
-- a diffusers pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``).
+  with ``scheduler_config.json`` beside it or in ``../scheduler/`` (pipeline layout); its weights
+  must match the config key for key (no layer is left randomly initialised);
+- a diffusers pipeline folder: ``unet/`` and ``scheduler/``, with or without ``model_index.json``.
 Nothing is ever downloaded: only local paths are read.
 """
 
@@ -78,13 +79,18 @@ def _resolve_unet_dir(path: Path) -> tuple[Path, Path | None]:
     if not path.is_dir():
         raise ModelLoadError(f"model path '{path}' is a file; pass the diffusers folder that holds "
                              "config.json and the weights")
-    if (path / "model_index.json").exists():
+    # a pipeline folder: model_index.json, or (saved part by part, or copied without it) a unet/
+    # subfolder with its config; other parts (vae/, text_encoder/) are not read
+    is_pipeline = (path / "model_index.json").exists() or (
+        not (path / "config.json").exists() and (path / "unet" / "config.json").exists())
+    if is_pipeline:
         unet_dir, sched = path / "unet", path / "scheduler" / "scheduler_config.json"
         if not (unet_dir / "config.json").exists():
             raise ModelLoadError(f"pipeline folder '{path}' has no unet/config.json")
         return unet_dir, sched if sched.exists() else None
     if not (path / "config.json").exists():
-        raise ModelLoadError(f"'{path}' is not a diffusers model folder (no config.json or model_index.json)")
+        raise ModelLoadError(f"'{path}' is not a diffusers model folder (no config.json, unet/config.json "
+                             "or model_index.json)")
     for cand in (path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
         if cand.exists():
             return path, cand
@@ -98,21 +104,47 @@ def _load_unet(unet_dir: Path):
         raise ModelLoadError(f"'{unet_dir}' holds a {cls_name or 'non-diffusers'} model; supported: "
                              + ", ".join(SUPPORTED_CLASSES))
     weights = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors"))
-    if not weights and not sorted(unet_dir.glob("diffusion_pytorch_model*.bin")):
+    bins = [] if weights else sorted(unet_dir.glob("diffusion_pytorch_model*.bin"))
+    if not weights and not bins:
         raise ModelLoadError(f"'{unet_dir}' has no diffusion_pytorch_model.safetensors (or .bin) weights")
     for w in weights:  # check the header before diffusers does, for a one-line error
         _check_safetensors(w)
+    for b in bins:  # our own check: never depend on a library default to keep pickled code from running
+        _check_bin(b)
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
 
     cls = getattr(diffusers, cls_name)
+    verbosity = diffusers_logging.get_verbosity()
+    # its "newly initialized" warning would precede our refusal below and still read like success
+    diffusers_logging.set_verbosity_error()
     try:
         # .bin weights go through torch.load(weights_only=True) inside diffusers
-        unet = cls.from_pretrained(unet_dir, use_safetensors=bool(weights), local_files_only=True,
-                                   low_cpu_mem_usage=False)  # no accelerate needed
+        unet, info = cls.from_pretrained(unet_dir, use_safetensors=bool(weights), local_files_only=True,
+                                         low_cpu_mem_usage=False,  # no accelerate needed
+                                         output_loading_info=True)
     except Exception as e:  # diffusers raises many types for broken folders
         raise ModelLoadError(f"could not load the UNet from '{unet_dir}': {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    _check_keys(weights or bins, info)
     return unet.eval().float()
+
+
+def _check_keys(files: list[Path], info: dict) -> None:
+    """diffusers fills layers whose weights are missing with random values and drops unknown
+    weights, with only a log warning: such a model samples noise and exits 0, so refuse it."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    if not missing and not unexpected:
+        return
+    where = f"'{files[0]}'" if len(files) == 1 else f"the {len(files)} weight files in '{files[0].parent}'"
+    parts = [f"{len(k)} {what} key(s) ({', '.join(k[:3])}{', ...' if len(k) > 3 else ''})"
+             for what, k in (("missing", missing), ("unexpected", unexpected)) if k]
+    harm = "layers would be left randomly initialised" if missing else "those weights would be ignored"
+    raise ModelLoadError(f"weight file {where} does not match its config.json: {' and '.join(parts)}; "
+                         f"{harm}: use the weights saved together with this config.json "
+                         "(re-download or re-export the folder)")
 
 
 def _check_safetensors(path: Path) -> None:
@@ -125,6 +157,24 @@ def _check_safetensors(path: Path) -> None:
     except Exception as e:
         raise ModelLoadError(f"weight file '{path}' is not a valid safetensors file ({e}); "
                              "re-download or re-export it") from e
+
+
+def _check_bin(path: Path) -> None:
+    """A pickle-based .bin can run code when unpickled: only tensors may come out of it."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        # mmap: reading the tensors' data is not needed to vet the pickle (zip checkpoints only)
+        torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(f"weight file '{path}' holds pickled Python objects besides tensors; it is not "
+                             "loaded (unpickling it could run code): convert it to safetensors") from e
+    except Exception as e:
+        raise ModelLoadError(f"weight file '{path}' is not a readable PyTorch checkpoint "
+                             f"({type(e).__name__}); re-download or re-export it") from e
 
 
 def load_model(spec: str | Path) -> LoadedModel:

@@ -44,6 +44,22 @@ def _plan(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None) -> 
     return plan
 
 
+def block_size_conflicts(model: nn.Module, config: QuantConfig) -> list[tuple[str, int]]:
+    """(name, input width) of every Linear whose INT4 block size would not divide its input width.
+
+    Only reads the model, so callers can check a config before any expensive work (calibration
+    runs it before collecting trajectories); `quantize_` itself refuses the same layers."""
+    mha = _skip_mha_projections(model)
+    bad = []
+    for name, module in model.named_modules():
+        if name in mha or not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
+            continue
+        spec = config.layer_spec(name, is_linear=True)
+        if spec is not None and spec.granularity == "block" and module.in_features % spec.block_size:
+            bad.append((name, module.in_features))
+    return bad
+
+
 def _apply(plan: list[tuple[str, nn.Module, LayerSpec]], model: nn.Module,
            scale_method: str | None) -> dict[str, QuantLayer]:
     """Swap the planned layers; `scale_method` overrides the specs' (state loading uses cheap minmax)."""

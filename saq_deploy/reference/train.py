@@ -89,10 +89,10 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
 
     losses: list[float] = []
     t0 = time.perf_counter()
-    from rich.progress import Progress
+    from saq_deploy.utils.progress import progress as progress_for
 
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("train-reference", total=config.steps)
+    with progress_for(progress, "train-reference") as bar:
+        task = bar.task("train", total=config.steps)
         for step in range(config.steps):
             idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
             x0, y = images[idx], labels[idx].clone()
@@ -116,7 +116,7 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
                 recent = sum(losses[-200:]) / len(losses[-200:])
-                bar.update(task, completed=step + 1, description=f"train-reference loss {recent:.4f}")
+                task.update(completed=step + 1, description=f"train loss {recent:.4f}")
     wall = time.perf_counter() - t0
     log = {
         "config": asdict(config),

@@ -56,6 +56,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from saq_deploy import __version__
     from saq_deploy.serve.schemas import (
@@ -89,7 +90,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
                   description="Diffusion samples from a sampling-aware quantized UNet engine.")
     app.state.served, app.state.config, app.state.batcher = served, config, batcher
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       extra_headers=extra_headers)
+                       extra_headers=extra_headers, max_in_flight=config.max_in_flight)
 
     def error(status: int, message: str, headers: dict | None = None, detail: list | None = None):
         body = {"error": message} if detail is None else {"error": message, "detail": detail}
@@ -97,8 +98,24 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        # FastAPI parses a body as JSON only when it is labelled JSON; anything else reaches the
+        # model unparsed and fails as "not a dictionary", which hides the real mistake
+        # (curl -d without -H 'Content-Type: application/json' sends form encoding)
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if request.method in ("POST", "PUT", "PATCH") and not (media == "application/json" or media.endswith("+json")):
+            got = f"'{ctype}'" if ctype else "none"
+            return error(415, f"the request body must be JSON: send 'Content-Type: application/json' (got {got})")
         status, msg, detail = _validation_message(list(exc.errors()))
         return error(status, msg, detail=detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # routing errors (404, 405 with its Allow header) in the API's {"error": ...} shape,
+        # not FastAPI's {"detail": ...}
+        messages = {404: f"no such endpoint: {request.url.path}",
+                    405: f"method {request.method} is not allowed on {request.url.path}"}
+        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     def readiness() -> tuple[bool, str]:
         if not batcher.running:
@@ -129,7 +146,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
                 "limits": config.limits(), "batching": batcher.stats.as_dict()}
 
     err = {"model": ErrorResponse}
-    responses = {400: err, 401: err, 406: err, 413: err, 422: err, 429: err, 503: err, 504: err,
+    responses = {400: err, 401: err, 406: err, 408: err, 413: err, 415: err, 422: err, 429: err, 503: err, 504: err,
                  200: {"content": {"image/png": {}}}}
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=responses, summary="Generate images")
@@ -158,7 +175,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
         try:
             left = config.timeout_s - (time.monotonic() - t_in)
             images, batch_images, run_s = await asyncio.wait_for(asyncio.wrap_future(future), max(left, 0.001))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             future.cancel()
             return error(504, f"generation did not finish within the {config.timeout_s:g} s request timeout")
         except SaqError as e:

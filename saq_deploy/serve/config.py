@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saq_deploy.errors import ConfigError
+from saq_deploy.errors import BadOptionError, ConfigError
 
 # Absolute caps that the schema enforces whatever the server is configured with.
 HARD_MAX_N = 64
@@ -30,6 +30,11 @@ class ServeConfig:
     ``strict``: refuse (422) sampler/steps/spacing outside the calibrated envelope instead of
     serving them with an ``X-SAQ-Warning`` header.
     ``allow_ungated``: serve an engine that has not passed its parity gate (development only).
+    ``header_timeout_s`` / ``body_timeout_s``: a client must send its request line and headers within
+    the first, then its body within the second; past either: 408 and the connection is closed
+    (slow or half-open clients would otherwise hold sockets for ever).
+    ``max_in_flight``: requests being handled at once; one more gets 503. The liveness and
+    readiness probes are exempt, and connections still sending their headers do not count.
     """
 
     max_batch: int = 8
@@ -43,6 +48,9 @@ class ServeConfig:
     max_tokens: int = 512  # cross-attention models: embedding rows per request
     batch_wait_ms: float = 2.0  # how long the worker waits for more compatible requests
     allow_ungated: bool = False
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_in_flight: int = 512
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,10 +64,14 @@ class ServeConfig:
             ("max_cfg", 0 <= self.max_cfg <= HARD_MAX_CFG, f"in 0..{HARD_MAX_CFG}"),
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
             ("batch_wait_ms", 0 <= self.batch_wait_ms <= 1000, "in 0..1000"),
+            ("header_timeout", 0 < self.header_timeout_s <= 3600, "in (0, 3600] seconds"),
+            ("body_timeout", 0 < self.body_timeout_s <= 3600, "in (0, 3600] seconds"),
+            ("max_in_flight", self.max_in_flight >= 1, ">= 1"),
         ]
         for name, ok, want in checks:
             if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name, None)}")
+                value = getattr(self, name, getattr(self, name + "_s", None))
+                raise BadOptionError(f"--{name.replace('_', '-')} must be {want}, got {value}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("the API key is empty")
 
@@ -68,7 +80,9 @@ class ServeConfig:
         return {"max_n": self.max_n, "max_steps": self.max_steps, "cfg": [0.0, self.max_cfg],
                 "max_tokens": self.max_tokens, "max_body_bytes": self.max_body_bytes,
                 "max_batch": self.max_batch, "queue_size": self.queue_size, "timeout_s": self.timeout_s,
-                "strict": self.strict, "auth": "bearer" if self.api_key else "none"}
+                "strict": self.strict, "auth": "bearer" if self.api_key else "none",
+                "header_timeout_s": self.header_timeout_s, "body_timeout_s": self.body_timeout_s,
+                "max_in_flight": self.max_in_flight}
 
 
 def load_api_key(path: str | os.PathLike) -> tuple[str, str | None]:

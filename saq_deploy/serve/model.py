@@ -127,8 +127,12 @@ def default_engine_dir(artifact: Path, backend: str) -> Path:
 
 
 def load_served(artifact: str | Path, backend: str = "onnxruntime", *, engine: str | Path | None = None,
-                threads: int | None = None) -> ServedModel:
-    """Load what ``saq-deploy serve`` serves; refuses mismatched hashes (ModelLoadError)."""
+                threads: int | None = None, force: bool = False) -> ServedModel:
+    """Load what ``saq-deploy serve`` serves; refuses mismatched hashes (ModelLoadError).
+
+    ``force``: load a TensorRT plan built by another TensorRT version (only plans built
+    version-compatible can run; the runtime refuses others without it).
+    """
     from saq_deploy.api import verify_artifact
 
     if backend not in SERVE_BACKENDS:
@@ -142,7 +146,7 @@ def load_served(artifact: str | Path, backend: str = "onnxruntime", *, engine: s
     from saq_deploy.backends import load_engine
 
     engine_dir = Path(engine) if engine else default_engine_dir(artifact, backend)
-    eng = load_engine(engine_dir, threads=threads)
+    eng = load_engine(engine_dir, threads=threads, force=force)
     if eng.backend != backend:
         raise ConfigError(f"engine '{engine_dir}' was built for {eng.backend}, not {backend}; pass "
                           f"--backend {eng.backend} or the right --engine")

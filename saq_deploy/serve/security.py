@@ -1,9 +1,11 @@
-"""Request guards as one pure ASGI middleware (no FastAPI import): bearer-token check with a
-constant-time comparison, then a request-body size limit, both before the app parses anything.
+"""Request guards as one pure ASGI middleware (no FastAPI import): a limit on requests in flight,
+a bearer-token check with a constant-time comparison, then a request-body size limit, all before
+the app parses anything.
 
-Order matters: an unauthenticated client learns nothing about request validation, and an
-oversized body is refused from its Content-Length (or, for chunked uploads, as soon as the
-running total passes the limit) without ever being buffered whole.
+Order matters: the probes bypass the in-flight limit (an overloaded replica is still alive, and
+its orchestrator must not kill it for being busy); an unauthenticated client learns nothing about
+request validation; an oversized body is refused from its Content-Length (or, for chunked
+uploads, as soon as the running total passes the limit) without ever being buffered whole.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Liveness/readiness probes and the API description stay open for load balancers.
 PUBLIC_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+PROBE_PATHS = ("/healthz", "/readyz")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
@@ -55,11 +58,13 @@ def _adding_headers(send: Send, extra: dict[str, str]) -> Send:
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int,
-                 extra_headers: dict[str, str] | None = None) -> None:
+                 extra_headers: dict[str, str] | None = None, max_in_flight: int | None = None) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.extra_headers = extra_headers or {}
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # one event loop: no lock needed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,6 +72,20 @@ class GuardMiddleware:
             return
         if self.extra_headers:
             send = _adding_headers(send, self.extra_headers)
+        if scope.get("path", "") in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            await send_json(send, 503, {"error": f"server overloaded: {self.in_flight} requests in flight; "
+                                        "retry later"}, {"Retry-After": "1"})
+            return
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key is not None and scope.get("path", "") not in PUBLIC_PATHS \
                 and not bearer_matches(headers.get("authorization"), self.api_key):

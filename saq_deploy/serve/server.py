@@ -1,5 +1,12 @@
 """Run the app under uvicorn: load (refusing mismatched hashes), say loudly what is unsafe, serve,
-and on SIGINT/SIGTERM stop accepting, let in-flight requests finish, then drain the worker."""
+and on SIGINT/SIGTERM stop accepting, let in-flight requests finish, then drain the worker.
+
+Slow clients: requests must arrive within ``--header-timeout`` / ``--body-timeout`` (see
+serve/protocol.py), the open-files limit is raised so idle sockets cannot starve accept(), and
+the in-flight limit is the app's (probes exempt), not uvicorn's ``limit_concurrency``: uvicorn
+counts every open connection, half-open ones included, and answers 503 to all requests,
+``/healthz`` too, once they reach the limit.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from saq_deploy.serve.config import ServeConfig, is_loopback
 
 log = logging.getLogger("saq_deploy.serve")
 KEEP_ALIVE_S = 65
+FEW_FDS = 4096  # below this many open files, warn: about that many idle sockets stop accept()
 
 
 def require_serve_extra() -> None:
@@ -38,9 +46,37 @@ def startup_warnings(served, config: ServeConfig, host: str) -> list[str]:
     return out
 
 
+def uvicorn_config(app, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
+                   log_level: str = "info"):
+    """The uvicorn.Config that ``serve`` runs (tests start the same one in a thread)."""
+    import uvicorn
+
+    from saq_deploy.serve.protocol import deadline_protocol
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level in ("info", "debug"),
+                          http=deadline_protocol(config.header_timeout_s, config.body_timeout_s),
+                          timeout_graceful_shutdown=int(config.timeout_s) + 5, server_header=False,
+                          proxy_headers=False, limit_concurrency=None,
+                          # longer than common load-balancer idle timeouts (60 s), so the balancer,
+                          # not this server, closes idle connections (no reuse-after-close races)
+                          timeout_keep_alive=KEEP_ALIVE_S)
+
+
+def open_files_line() -> str:
+    """Raise the open-files limit to its hard limit; one line saying what it is."""
+    from saq_deploy.serve.protocol import raise_fd_limit
+
+    before, now, hard = raise_fd_limit()
+    line = f"open-files limit {now}" + (f" (raised from {before})" if now != before else "") + f", hard {hard}"
+    if now < FEW_FDS:
+        line = f"WARNING: {line}: about {now} idle connections exhaust it (raise it with ulimit -n / the " \
+               "container's nofile limit)"
+    return line
+
+
 def run_server(artifact: str | Path, *, backend: str = "onnxruntime", engine: str | Path | None = None,
                host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-               threads: int | None = None, log_level: str = "info",
+               threads: int | None = None, log_level: str = "info", force: bool = False,
                echo: Callable[[str], None] = print) -> None:
     require_serve_extra()
     import uvicorn
@@ -50,18 +86,15 @@ def run_server(artifact: str | Path, *, backend: str = "onnxruntime", engine: st
 
     config = config or ServeConfig()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    served = load_served(artifact, backend, engine=engine, threads=threads)
+    served = load_served(artifact, backend, engine=engine, threads=threads, force=force)
     for line in startup_warnings(served, config, host):
         echo(line)
     info = served.info
     echo(f"serving {info['model']['name']} ({info['calibration']['method']}, {info['calibration']['bits']}) "
          f"with {backend} on http://{host}:{port}  [max batch {config.max_batch}, queue {config.queue_size}, "
          f"timeout {config.timeout_s:g} s, auth {'bearer' if config.api_key else 'off'}]")
+    echo(f"slow clients: headers within {config.header_timeout_s:g} s, body within {config.body_timeout_s:g} s "
+         f"(then 408); at most {config.max_in_flight} requests in flight (then 503; /healthz and /readyz "
+         f"exempt); {open_files_line()}")
     app = create_app(served, config)
-    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level in ("info", "debug"),
-                        timeout_graceful_shutdown=int(config.timeout_s) + 5, server_header=False,
-                        proxy_headers=False, limit_concurrency=max(512, config.queue_size * 8),
-                        # longer than common load-balancer idle timeouts (60 s), so the balancer,
-                        # not this server, closes idle connections (no reuse-after-close races)
-                        timeout_keep_alive=KEEP_ALIVE_S)
-    uvicorn.Server(uv).run()
+    uvicorn.Server(uvicorn_config(app, config, host=host, port=port, log_level=log_level)).run()

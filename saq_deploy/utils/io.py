@@ -156,3 +156,81 @@ def check_seal(manifest: dict, path: str | os.PathLike, remedy: str) -> None:
     if manifest.get(SEAL_KEY) != _manifest_digest(manifest):
         raise ModelLoadError(f"'{path}' was edited or made by an older saq-deploy (its {SEAL_KEY} does not "
                              f"match its content); {remedy}")
+
+
+def publish_mode(folder: str | os.PathLike) -> None:
+    """Give a ``mkdtemp`` folder (always 0700) the mode a plain ``mkdir`` would (0777 & ~umask)
+    before it is renamed into place, so a shared engine or export folder is readable as usual."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def owned_temp_prefix(prefix: str) -> str:
+    """``mkdtemp`` prefix that names this process (``<prefix>pid<PID>-``), so a later run can tell a
+    killed run's leftover from a live concurrent run's work in progress (see remove_stale_temps)."""
+    return f"{prefix}pid{os.getpid()}-"
+
+
+def remove_stale_temps(parent: str | os.PathLike, prefixes: tuple[str, ...], why: str,
+                       note: Any = None) -> list[Path]:
+    """Remove temp folders ``<prefix>pid<PID>-<random>`` in ``parent`` whose process is gone (kill -9,
+    power cut: no ``finally`` ran) and say so on ``note`` (default: stderr). Only the renamed final
+    folder is ever read, so they are garbage. ``<prefix><random>`` without a PID comes from an
+    older saq-deploy and is removed too; a folder of a live process is kept. Returns the removed."""
+    import re
+    import shutil
+    import sys
+
+    # mkdtemp's random part is [a-z0-9_] only: anchored, a "-" after it is another output's temp
+    # (engine vs engine-fp16), never ours
+    pats = [re.compile(re.escape(p) + r"(?:pid(\d+)-)?[a-z0-9_]+") for p in prefixes]
+    removed = []
+    for entry in sorted(Path(parent).iterdir()) if Path(parent).is_dir() else []:
+        m = next((m for p in pats if (m := p.fullmatch(entry.name))), None)
+        if m is None or not entry.is_dir() or (m.group(1) and _pid_alive(int(m.group(1)))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        line = f"removed stale temp folder {entry} from {why}"
+        if note is not None:
+            note(line)
+        else:
+            print(line, file=sys.stderr)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.path.isdir("/proc/self"):
+        # kill(pid, 0) also answers for a thread id (freed PIDs are soon reused as thread ids on a
+        # busy machine): only a thread-group leader that is not a zombie (killed, not yet reaped) counts
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            return False
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        return fields.get("Tgid", "").strip() == str(pid) and not fields.get("State", "").strip().startswith("Z")
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def name_intended(exc: OSError, tmp: str | os.PathLike, final: str | os.PathLike) -> OSError:
+    """A write that failed inside a temp folder (disk full, file size limit) names no file, or a file
+    in the hidden temp folder: make it name the file (or folder) the user asked for. Returns ``exc``."""
+    if exc.filename is None:
+        exc.filename = str(final)
+    else:
+        try:
+            exc.filename = str(Path(final) / Path(os.fspath(exc.filename)).relative_to(tmp))
+        except ValueError:  # a file outside the temp folder already names itself
+            pass
+    return exc

@@ -26,20 +26,21 @@ def _feed(kind: str, shape, batch: int, cond_shape=None) -> tuple:
 
 
 def bench_engine(artifact: str | Path, backend: str = "onnxruntime", engine: str | Path | None = None, *,
-                 batch: int = 8, calls: int = 20, warmup: int = 3) -> dict:
+                 batch: int = 8, calls: int = 20, warmup: int = 3, force: bool = False) -> dict:
     from saq_deploy.backends.engine import EngineEpsModel, load_engine
     from saq_deploy.backends.onnxruntime import OrtRunner
     from saq_deploy.calibrate.artifact import load_artifact
     from saq_deploy.export.torch_export import export_unet_onnx
     from saq_deploy.models.eps_model import TorchEpsModel
     from saq_deploy.utils.io import write_json_atomic
-    from saq_deploy.validate.run import default_engine_dir
+    from saq_deploy.validate.run import check_force, default_engine_dir
 
     if batch < 1 or calls < 1:
         raise ConfigError("bench needs --batch >= 1 and --calls >= 1")
+    check_force(force, backend)
     artifact = Path(artifact)
     q = load_artifact(artifact)
-    eng = load_engine(Path(engine) if engine else default_engine_dir(artifact, backend))
+    eng = load_engine(Path(engine) if engine else default_engine_dir(artifact, backend), force=force)
     if q.loaded.kind == "text":
         raise ConfigError("bench covers class-conditional and unconditional models; see benchmarks/speed.py")
     models = {"pytorch-fp32": TorchEpsModel(q.fp_unet)}

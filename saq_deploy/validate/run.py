@@ -21,6 +21,12 @@ from saq_deploy.errors import ConfigError, ModelLoadError
 PARITY_FILE = "parity.json"
 
 
+def check_force(force: bool, backend: str) -> None:
+    """Refuse ``--force`` before the (slow) artifact load when --backend already rules it out."""
+    if force and backend != "tensorrt":
+        raise ConfigError(f"--force applies to TensorRT plans only (--backend tensorrt), not {backend}")
+
+
 def default_engine_dir(artifact: Path, backend: str) -> Path:
     return artifact / ("engine" if backend == "onnxruntime" else "engine-tensorrt")
 
@@ -45,8 +51,9 @@ def _quality(engine_eps, fq, fp_eps, n: int, steps: int, seed: int) -> dict | No
 def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: str | Path | None = None, *,
                     n: int = 16, steps: int = 10, samplers: tuple[str, ...] = ("ddim", "dpmpp-2m"),
                     quality_n: int = 200, seed: int = 1000, out_dir: str | Path | None = None,
-                    log=print) -> dict:
-    """Run the gate (and quality if it passes); returns the result dict (``passed`` key)."""
+                    log=print, force: bool = False) -> dict:
+    """Run the gate (and quality if it passes); returns the result dict (``passed`` key).
+    ``force``: see :func:`saq_deploy.backends.engine.load_engine`."""
     from saq_deploy.backends.engine import load_engine
     from saq_deploy.calibrate.artifact import load_artifact
     from saq_deploy.export.feeds import record_calls
@@ -58,10 +65,11 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
 
     if n < 1 or steps < 1 or quality_n < 0:
         raise ConfigError("validate needs n >= 1, steps >= 1 and quality-n >= 0")
+    check_force(force, backend)
     artifact = Path(artifact)
     engine_dir = Path(engine) if engine else default_engine_dir(artifact, backend)
     fq = load_artifact(artifact)
-    eng = load_engine(engine_dir)
+    eng = load_engine(engine_dir, force=force)
     if eng.backend != backend:
         raise ConfigError(f"engine '{engine_dir}' is a {eng.backend} engine, not {backend}")
     if eng.manifest["source"]["state_sha256"] != fq.manifest["state_sha256"]:

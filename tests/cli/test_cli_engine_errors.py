@@ -27,10 +27,10 @@ def art(tmp_path_factory):
     return out
 
 
-def _err(args, capsys) -> str:
+def _err(args, capsys, code: int = 1) -> str:
     with pytest.raises(SystemExit) as e:
         main(args)
-    assert e.value.code == 1
+    assert e.value.code == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
     return err
@@ -99,5 +99,5 @@ def test_tampered_engine_file(art, tmp_path, capsys):
 
 def test_not_an_engine_and_bad_options(art, tmp_path, capsys):
     assert "not an engine folder" in _err(["sample", "--engine", str(tmp_path), "-o", str(tmp_path / "g.png")], capsys)
-    assert "--max-batch" in _err(["build-engine", str(art), "--max-batch", "0", "-o", str(tmp_path / "e")], capsys)
+    assert "--max-batch" in _err(["build-engine", str(art), "--max-batch", "0", "-o", str(tmp_path / "e")], capsys, 2)
     assert "not a calibrated artifact" in _err(["build-engine", str(tmp_path)], capsys)

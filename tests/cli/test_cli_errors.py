@@ -25,11 +25,11 @@ def run_cli(args, capsys):
     [
         (["sample", "--sampler", "euler"], "'euler' is not one of", 2),
         (["sample", "--model", "builtin:cifar"], "unknown built-in model 'builtin:cifar'", 1),
-        (["sample", "--steps", "0"], "--steps must be >= 1", 1),
+        (["sample", "--steps", "0"], "--steps must be >= 1", 2),
         (["sample", "--model", "/nonexistent/model"], "does not exist", 1),
-        (["sample", "--label", "12", "-n", "2", "--steps", "1"], "outside 0..9", 1),
-        (["sample", "--label", "-1", "-n", "2", "--steps", "1"], "outside 0..9", 1),
-        (["sample", "-n", "0"], "-n must be >= 1", 1),
+        (["sample", "--label", "12", "-n", "2", "--steps", "1"], "outside 0..9", 2),
+        (["sample", "--label", "-1", "-n", "2", "--steps", "1"], "outside 0..9", 2),
+        (["sample", "-n", "0"], "-n must be >= 1", 2),
     ],
 )
 def test_bad_input_one_line(args, fragment, code, capsys, tmp_path):

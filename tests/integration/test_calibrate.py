@@ -150,12 +150,54 @@ def test_sample_from_artifact(sa_ptq_artifact, tmp_path, capsys):
     assert info["method"] == "sa-ptq" and len(info["state_sha256"]) == 64
 
 
+def _fq(x, step, bits=8):
+    """Oracle fake-quant, written out: symmetric, round half to even, clamp to the signed range."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x / step), lo, hi) * step
+
+
+def _attention_oracle(attn, h, steps):
+    """The attention block's output recomputed by hand from its input ``h`` (B, C, H, W), with q, k,
+    probs and v fake-quantized by the stored steps (``steps=None``: no attention quantization)."""
+    fq = (lambda x, _: x) if steps is None else (lambda x, k: _fq(x, steps[k]))
+    b, c, hh, ww = h.shape
+    x = attn.group_norm(h.view(b, c, hh * ww)).transpose(1, 2)
+    heads = attn.heads
+    q, k, v = (lin(x).view(b, -1, heads, c // heads).transpose(1, 2) for lin in (attn.to_q, attn.to_k, attn.to_v))
+    probs = (fq(q, "q") @ fq(k, "k").transpose(-1, -2) * (c // heads) ** -0.5).softmax(dim=-1)
+    out = (fq(probs, "p") @ fq(v, "v")).transpose(1, 2).reshape(b, -1, c)
+    out = attn.to_out[0](out).transpose(-1, -2).reshape(b, c, hh, ww)
+    return (out + h) / attn.rescale_output_factor
+
+
+@pytest.mark.slow  # two tiny calibrations: ~10 s on an idle 2-core machine
 def test_attention_matmul_option_end_to_end(tmp_path):
-    out = tmp_path / "attn"
-    calibrate(tiny(method="minmax", **{"quant.attention_matmul": True}), out)
-    state = load_file(str(out / "calibrated.safetensors"))
-    attn_steps = [k for k in state if ".q_quant." in k or ".p_quant." in k]
-    assert attn_steps and all(state[k].item() > 0 for k in attn_steps)
-    q = load_artifact(out)
+    from saq_deploy.quant.attention import attention_quant_modules
+
+    arts = {on: tmp_path / f"attn_{on}" for on in (True, False)}
+    for on, out in arts.items():  # same data and seeds: only the attention option differs
+        calibrate(tiny(method="minmax", **{"quant.attention_matmul": on}), out)
+    states = {on: load_file(str(out / "calibrated.safetensors")) for on, out in arts.items()}
+    quant_keys = {on: sorted(k for k in st if any(f".{n}_quant.act_step" in k for n in "qkvp"))
+                  for on, st in states.items()}
+    assert quant_keys[False] == [] and len(quant_keys[True]) >= 4
+    assert all(states[True][k].numel() == 1 and states[True][k].item() > 0 for k in quant_keys[True])
+
+    models = {on: load_artifact(out) for on, out in arts.items()}
     x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([500.0, 50.0]), torch.tensor([3, 10])
-    assert torch.equal(q.eps_model()(x, t, y), load_artifact(out).eps_model()(x, t, y))
+    with torch.no_grad():
+        eps = {on: m.eps_model()(x, t, y) for on, m in models.items()}
+    assert (eps[True] - eps[False]).abs().max() > 1e-4
+
+    # one quantized attention block against the hand-written oracle, on the input it really saw
+    name, attn = next(iter(attention_quant_modules(models[True].loaded.unet).items()))
+    assert attn.spatial_norm is None and attn.residual_connection and attn.norm_q is None
+    seen = {}
+    hook = attn.register_forward_hook(lambda mod, args, out: seen.update(h=args[0], out=out))
+    with torch.no_grad():
+        models[True].eps_model()(x, t, y)
+        hook.remove()
+        steps = {n: states[True][f"{name}.{n}_quant.act_step"] for n in "qkvp"}
+        want, fp = _attention_oracle(attn, seen["h"], steps), _attention_oracle(attn, seen["h"], None)
+    torch.testing.assert_close(seen["out"], want, rtol=0, atol=1e-5)
+    assert (seen["out"] - fp).abs().max() > 100 * 1e-5  # the oracle tells quantized from FP apart

@@ -67,3 +67,29 @@ def test_cross_attention_unet_with_cond_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--model", str(folder), "--steps", "2", "-n", "2", "-o", str(tmp_path / "h.png")])
     assert exc.value.code == 1 and "--cond-file" in capsys.readouterr().err
+
+
+def test_pipeline_folder_without_model_index(tmp_path, capsys):
+    """unet/ + scheduler/ saved part by part (no model_index.json) is a pipeline folder too (issue 12);
+    a vae/ there is not read (not even a broken one)."""
+    unet = tiny_unet2d(num_class_embeds=None).eval()
+    root = save_pipeline_folder(tmp_path / "pipe", unet)
+    (root / "model_index.json").unlink()
+    (root / "vae").mkdir()
+    (root / "vae" / "config.json").write_text("{not json")
+    m = load_model(str(root))
+    assert m.unet_dir == root / "unet" and m.kind == "uncond"
+    assert m.scheduler_config["num_train_timesteps"] == 1000
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 800.0])
+    with torch.no_grad():
+        torch.testing.assert_close(m.eps_model()(x, t), unet(x, t).sample, rtol=0, atol=0)
+    out = tmp_path / "g.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--model", str(root), "--steps", "2", "-n", "2", "--cfg", "1", "-o", str(out)])
+    assert exc.value.code == 0 and out.exists()
+
+
+def test_folder_with_neither_config_nor_unet(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json, unet/config.json or model_index.json"):
+        load_model(str(tmp_path))

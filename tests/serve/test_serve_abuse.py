@@ -170,3 +170,33 @@ def test_text_model_embedding_checks():
         img = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
         assert img.size == (8, 8) and img.mode == "RGBA"  # 4 latent channels
         assert c.get("/v1/model").json()["cond"] == {"tokens": None, "dim": 12}
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, fragment", [
+    ("get", "/nope", None, {}, 404, "no such endpoint: /nope"),
+    ("get", "/v1/generate", None, {}, 405, "method GET is not allowed on /v1/generate"),
+    ("delete", "/healthz", None, {}, 405, "method DELETE is not allowed on /healthz"),
+    ("post", "/v1/generate", '{"label": 3', {"Content-Type": "application/json"}, 400, "malformed JSON body"),
+    ("post", "/v1/generate", '{"label": 3}', {"Content-Type": "text/plain"}, 415,
+     "send 'Content-Type: application/json' (got 'text/plain')"),
+    # what `curl -d` sends without -H 'Content-Type: application/json'
+    ("post", "/v1/generate", '{"label": 3}', {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "must be JSON"),
+    ("post", "/v1/generate", '{"label": 3}', {}, 415, "(got none)"),
+])
+def test_routing_and_parse_errors_use_the_error_body(tiny_served, method, path, body, headers, status, fragment):
+    served, eps = tiny_served
+    with client_for(served) as c:
+        kw = {"content": body, "headers": headers} if body is not None else {}
+        r = c.request(method.upper(), path, **kw)
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        doc = r.json()
+        assert fragment in doc["error"] and set(doc) <= {"error", "detail"}, doc
+        if status == 405:
+            assert r.headers["Allow"] in ("POST", "GET")  # still says what is allowed
+        assert eps.calls == 0
+        # a JSON content type with parameters or a +json suffix is JSON
+        for ctype in ("application/json; charset=utf-8", "application/vnd.api+json"):
+            ok = c.post("/v1/generate", content=b'{"label": 3, "steps": 3, "n": 1}', headers={"Content-Type": ctype})
+            assert ok.status_code == 200, (ctype, ok.text)

@@ -139,7 +139,7 @@ def _toy_eps(x, t, cond=None):
 
 def test_mota_pairing_matches_method_doc_on_toy_schedule():
     """sa-qlora: student = first-order point (x~_{t_{i-1}}, t_{i-1}) on the FP DPM-Solver-2 trajectory,
-    target = FP eps at (u_i, s_i); recomputed here from the formulas of the method doc §1.4."""
+    target = FP eps at (u_i, s_i); recomputed here from the formulas of docs/design/method.md §1.4."""
     sched = _toy_schedule()
     x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pairs = teacher_pairs(_toy_eps, sched, x0.float(), None, 4, spacing="quadratic", teacher="dpm-solver-2",
