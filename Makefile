@@ -20,9 +20,11 @@ setup: $(STAMP)
 DEMO := runs/demo
 demo: $(STAMP)
 	$(BIN)/saq-deploy env
-	# 1. calibrate: W8A8 SA-PTQ (MOTA) on 10-step DPM-Solver-2 trajectories; fewer seeds/iterations than the recipe, for speed
-	rm -rf $(DEMO)/w8a8 $(DEMO)/.w8a8.partial
-	$(BIN)/saq-deploy calibrate --recipe calibration/digits_w8a8_sa-ptq.toml --num-samples 16 --iters 50 -o $(DEMO)/w8a8
+	# 1. calibrate W8A8 with --method auto: minmax, mse, BRECQ and SA-PTQ (MOTA) on 10-step DPM-Solver-2
+	#    trajectories, ranked by how close their DDIM-10 samples come to FP32's; the best is kept
+	#    (fewer seeds/iterations than the recipe, for speed; report in w8a8/comparison/report.md)
+	rm -rf $(DEMO)/w8a8 $(DEMO)/.w8a8.partial $(DEMO)/.w8a8.compare
+	$(BIN)/saq-deploy calibrate --recipe calibration/digits_w8a8_sa-ptq.toml --num-samples 16 --iters 50 --method auto --eval-n 64 -o $(DEMO)/w8a8
 	# 2. export Q/DQ ONNX (TensorRT + ONNX Runtime placements) and build the ONNX Runtime engine
 	$(BIN)/saq-deploy export $(DEMO)/w8a8
 	$(BIN)/saq-deploy lint $(DEMO)/w8a8/onnx/tensorrt/model.onnx --target tensorrt
@@ -34,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/saq-deploy bench $(DEMO)/w8a8 --backend onnxruntime --batch 8 --calls 20
 	@echo
 	$(BIN)/saq-deploy summary $(DEMO)/w8a8 --backend onnxruntime
-	@echo "Wrote $(DEMO)/w8a8/ (artifact, onnx/, engine/, validation/onnxruntime/report.md + direction-error.png), $(DEMO)/grid-engine.png"
+	@echo "Wrote $(DEMO)/w8a8/ (artifact, comparison/report.md + comparison.png, onnx/, engine/, validation/onnxruntime/report.md + direction-error.png), $(DEMO)/grid-engine.png"
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -282,6 +282,12 @@ def render(data: dict) -> str:
               f"| {tot['rerun_failed']} | {tot['median_lost_s']} | {tot['max_lost_s']} |"), "",
               (f"- target: every run identical to the uninterrupted one: {met(tot['identical'] == tot['kills'])} "
               f"({tot['identical']}/{tot['kills']})"),
+              (f"- every file byte-identical with nothing masked: {met(tot['bytes_identical'] == tot['kills'])} "
+              f"({tot['bytes_identical']}/{tot['kills']}): the calibrated state, the ONNX files and the engine are "
+              "byte-identical in every run (the bytes that differed: "
+              f"{', '.join(sorted({f for r in data['commands'].values() for k in r['kills'] for f in k['bytes_differ']}))}"
+              "); what differs is the wall time recorded there, "
+              "which differs between two uninterrupted runs just as much (control runs below)"),
               f"- target: no run leaves anything behind: {met(tot['leftovers'] == 0)} ({tot['leftovers']} did)",
               f"- at least 20 kills: {met(tot['kills'] >= 20)}", ""]
     for name, r in data["commands"].items():
@@ -310,7 +316,11 @@ def main() -> None:
     ap.add_argument("--commands", default="all", help="comma list: sa-ptq,sa-qlora,export,build-engine")
     ap.add_argument("--no-control", action="store_true", help="skip the second uninterrupted run per command")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder, removed)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON beside --out")
     args = ap.parse_args()
+    if args.render_only:
+        args.out.write_text(render(json.loads(args.out.with_suffix(".json").read_text())) + "\n")
+        return
     if args.kills < 1:
         raise SystemExit(f"error: --kills must be >= 1, got {args.kills}")
     work = args.work or Path(tempfile.mkdtemp(prefix="saq-faults-"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from saq_deploy.errors import ConfigError, ModelLoadError
-from saq_deploy.generate import SampleSettings, generate, validate_settings
+from saq_deploy.generate import SampleSettings, class_labels, generate, validate_settings
 
 
 def _load_cond_file(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,7 +68,7 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     """Sample ``settings.n`` images from a model (or a calibrated artifact's fake-quant model),
     write a grid PNG and ``<output>.json`` manifest."""
     from saq_deploy.utils.images import save_grid
-    from saq_deploy.utils.io import write_json_atomic
+    from saq_deploy.utils.io import check_writable, write_json_atomic
     from saq_deploy.utils.progress import progress as progress_for
     from saq_deploy.utils.versions import package_versions
 
@@ -81,8 +81,11 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     for path in (output, output.with_suffix(".json")):  # checked before minutes of sampling
         if path.is_dir():
             raise ConfigError(f"cannot write {path}: it is an existing folder; choose another --output")
+    check_writable(output)  # a folder we cannot write fails now, not after minutes of sampling
     torch.manual_seed(settings.seed)
     loaded, eps_model, art = load_for_sampling(model_spec, artifact, engine, force=force)
+    if loaded.num_classes and settings.label is not None:
+        class_labels(1, loaded.num_classes, settings.label)  # a bad --label fails before sampling starts
     cond, null = None, loaded.null_label
     if loaded.kind == "text":
         if cond_file is None:
@@ -97,19 +100,52 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
             on_batch=lambda done: task.update(completed=done),
         )
     wall = time.perf_counter() - t0
+    vae_dir, decode = decoder_for(loaded)
+    if decode is not None:
+        images = decode(images)
     nrow = loaded.num_classes if (settings.label is None and loaded.num_classes) else None
-    save_grid(images, output, nrow=nrow)
+    note = save_grid(images, output, nrow=nrow)
     write_json_atomic(output.with_suffix(".json"), {
         "artifact": "sample-grid",
         "model": loaded.name,
         "model_hash": loaded.source_hash,
         "calibrated_artifact": art,
         "settings": settings.to_dict(),
+        "ran": ran_summary(loaded, settings, cond),
+        "decoded_by_vae": None if vae_dir is None else str(vae_dir),
+        "grid_note": note,
         "labels": None if labels is None else labels.tolist(),
         "wall_time_s": round(wall, 3),
         "versions": package_versions(),
     })
     return output
+
+
+def ran_summary(loaded, settings: SampleSettings, cond) -> dict:
+    """What sampling actually did: guidance only for a conditional model with cfg != 1."""
+    conditional = cond is not None or loaded.num_classes is not None
+    cfg = settings.cfg if conditional and settings.cfg != 1.0 else None
+    why = None
+    if not conditional and settings.cfg != 1.0:
+        why = "unconditional model: no classifier-free guidance"
+    return {"sampler": settings.sampler, "steps": settings.steps, "conditional": conditional,
+            "guidance_scale": cfg, "guidance_note": why}
+
+
+def decoder_for(loaded):
+    """(VAE folder, latents -> images) for a model whose pipeline has a ``vae/``, else (None, None).
+    An engine finds the VAE in the pipeline folder it was calibrated from, if that is still there."""
+    if getattr(loaded, "vae", None) is not None:
+        return loaded.vae_dir, loaded.decode
+    manifest = getattr(loaded, "manifest", None)
+    spec = (manifest or {}).get("source", {}).get("model_spec")
+    if not spec or str(spec).startswith("builtin:") or not Path(spec).is_dir():
+        return None, None
+    from saq_deploy.models.loading import load_pipeline_vae, resolve_unet_dir
+    from saq_deploy.models.vae import VaeDecoder
+
+    vae, vae_dir = load_pipeline_vae(resolve_unet_dir(Path(spec))[0])
+    return (None, None) if vae is None else (vae_dir, VaeDecoder(vae))
 
 
 def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path | None = None,
@@ -123,9 +159,9 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path 
 
     validate_settings(settings)
     loaded, eps_model, art = load_for_sampling(model_spec, artifact)
-    if loaded.sample_shape != (1, 16, 16) or loaded.kind != "class":
-        raise ConfigError("digit metrics need a class-conditional model with 1x16x16 samples "
-                          f"(this one: {loaded.kind}, {loaded.sample_shape}); use saq_deploy.eval.fid "
+    if loaded.image_shape != (1, 16, 16) or loaded.kind != "class":
+        raise ConfigError("digit metrics need a class-conditional model with 1x16x16 images "
+                          f"(this one: {loaded.kind}, {loaded.image_shape}); use saq_deploy.eval.fid "
                           "with a feature extractor for your data")
     t0 = time.perf_counter()
     with progress_for(progress, "evaluate", transient=True) as bar:
@@ -134,6 +170,6 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path 
                                   num_classes=loaded.num_classes, null_label=loaded.null_label,
                                   on_batch=lambda done: task.update(completed=done))
     sample_s = time.perf_counter() - t0
-    metrics = evaluate_samples(images, labels)
+    metrics = evaluate_samples(loaded.decode(images), labels)  # a pipeline's VAE decodes latents first
     return {"model": loaded.name, "model_hash": loaded.source_hash, "calibrated_artifact": art, "settings": settings.to_dict(),
             "metrics": metrics, "sampling_wall_time_s": round(sample_s, 2)}

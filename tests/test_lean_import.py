@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-HEAVY = ("onnxruntime", "tensorrt", "modelopt", "polygraphy", "fastapi", "uvicorn", "starlette")
+HEAVY = ("onnxruntime", "openvino", "tensorrt", "modelopt", "polygraphy", "fastapi", "uvicorn", "starlette")
 
 
 @pytest.mark.parametrize("module", ["saq_deploy", "saq_deploy.cli.app", "saq_deploy.generate",

@@ -1,7 +1,9 @@
-"""Engines behind the one ``eps(x, t, cond)`` contract: ONNX Runtime (everywhere) and TensorRT
-(NVIDIA GPUs, optional extra). Backend modules import their runtime lazily."""
+"""Engines behind the one ``eps(x, t, cond)`` contract: ONNX Runtime (everywhere), OpenVINO (x86
+CPUs, optional extra) and TensorRT (NVIDIA GPUs, optional extra), registered in
+:mod:`saq_deploy.backends.registry`. Backend modules import their runtime lazily."""
 
-from saq_deploy.backends.build import BACKENDS, build_engine
+from saq_deploy.backends.build import build_engine
 from saq_deploy.backends.engine import Engine, EngineEpsModel, load_engine
+from saq_deploy.backends.registry import BACKENDS, Runner, get_backend
 
-__all__ = ["BACKENDS", "Engine", "EngineEpsModel", "build_engine", "load_engine"]
+__all__ = ["BACKENDS", "Engine", "EngineEpsModel", "Runner", "build_engine", "get_backend", "load_engine"]

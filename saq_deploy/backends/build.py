@@ -13,10 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from saq_deploy.backends.registry import get_backend
 from saq_deploy.errors import ConfigError, ModelLoadError
-
-BACKENDS = ("onnxruntime", "tensorrt")
-TARGET_OF = {"onnxruntime": "onnxruntime-cpu", "tensorrt": "tensorrt"}
 
 # Engine vs fake-quant PyTorch on the same inputs along real trajectories. Torch and ORT round
 # differently at x.5 boundaries, and one flipped INT8 code moves a value by a full step, so a deep
@@ -87,34 +85,26 @@ def check_onnx_inputs(path: Path, specs: list[dict]) -> None:
 def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str | Path | None = None, *,
                  onnx_file: str | Path | None = None, providers: list[str] | None = None, opt_level: str = "all",
                  max_batch: int | None = None, profile: str | Path | None = None, parity: dict | None = None,
-                 note: Callable[[str], None] | None = None) -> Path:
-    """Build the engine folder; returns its path (default ``<artifact>/engine`` for ONNX Runtime,
-    ``engines/out/<artifact>-<profile>/`` for TensorRT, whose ``profile`` is a build-profile TOML).
-    ``note`` hears when an export has to run first and which leftovers of a killed build it removed."""
+                 threads: int | None = None, note: Callable[[str], None] | None = None) -> Path:
+    """Build the engine folder; returns its path (default: the backend's
+    ``default_engine_dir``, e.g. ``<artifact>/engine`` for ONNX Runtime, ``<artifact>/engine-tensorrt``
+    for TensorRT, whose ``profile`` is a build-profile TOML). ``note`` hears when an export has to
+    run first and which leftovers of a killed build it removed."""
     from saq_deploy.calibrate.artifact import verify_artifact
 
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    spec = get_backend(backend)
     artifact = Path(artifact)
     am = verify_artifact(artifact)  # bits (thresholds) come from the verified manifest
     if max_batch is not None and max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
-    prof = None
-    if backend == "tensorrt":  # profile, TensorRT and GPU checked before any (slow) export
-        from saq_deploy.backends import tensorrt as trt_backend
-
-        prof = trt_backend.preflight(profile)
-        if max_batch is not None and max_batch > prof.batches[2]:
-            raise ConfigError(f"--max-batch {max_batch} exceeds the build profile's maximum engine batch "
-                              f"{prof.batches[2]} (batch.max, doubled when cfg = true)")
-    export_dir = ensure_export(artifact, TARGET_OF[backend], note, state=am["state_sha256"])
+    ctx = spec.preflight(profile=profile, max_batch=max_batch)  # before any (slow) export
+    export_dir = ensure_export(artifact, spec.export_target(am), note, state=am["state_sha256"])
     em = json.loads((export_dir / "manifest.json").read_text())
-    src = Path(onnx_file) if onnx_file else export_dir / (prof.onnx_file if prof else "model.onnx")
+    src = Path(onnx_file) if onnx_file else spec.source_onnx(export_dir, ctx)
     if not src.exists():
         raise ModelLoadError(f"ONNX file '{src}' does not exist")
     check_onnx_inputs(src, em["inputs"])
-    default_out = artifact / "engine" if prof is None else trt_backend.default_output(artifact, prof)
-    out = Path(output) if output else default_out
+    out = Path(output) if output else spec.default_engine_dir(artifact)
     _refuse_foreign_output(out)  # before the (slow) build: a user's file or folder is never replaced
     out.parent.mkdir(parents=True, exist_ok=True)
     from saq_deploy.utils.io import owned_temp_prefix, remove_stale_temps
@@ -123,16 +113,9 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
     remove_stale_temps(out.parent, (f".{out.name}-", f".{out.name}-old-"), "an interrupted build-engine", note)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=owned_temp_prefix(f".{out.name}-")))
     try:
-        if backend == "onnxruntime":
-            files, build = _build_ort(src, tmp, em, providers, opt_level)
-            engine_file = "model.onnx"
-        else:
-            from saq_deploy.backends import tensorrt as trt_backend
-
-            files, build, engine_file = trt_backend.build(export_dir, tmp, em, profile=prof, onnx_file=src)
-            max_batch = max_batch or build["max_batch"]
-        _write_manifest(tmp, backend, engine_file, files, build, am, em, export_dir, src, max_batch,
-                        parity or default_parity(am.get("bits")))
+        built = spec.build(src, tmp, export_dir, em, ctx, providers=providers, opt_level=opt_level, threads=threads)
+        _write_manifest(tmp, backend, built.engine_file, built.files, built.build, am, em, export_dir, src,
+                        max_batch or built.max_batch, parity or default_parity(am.get("bits")))
         _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -143,15 +126,6 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _build_ort(src: Path, tmp: Path, em: dict, providers, opt_level: str) -> tuple[dict, dict]:
-    from saq_deploy.backends.onnxruntime import optimize_model
-    from saq_deploy.utils.io import sha256_file
-
-    build = optimize_model(src, tmp / "model.onnx", opt_level=opt_level, providers=providers,
-                           disabled_optimizers=tuple(em.get("ort_disabled_optimizers", ())))
-    return {"model.onnx": sha256_file(tmp / "model.onnx")}, build
 
 
 def _write_manifest(tmp: Path, backend: str, engine_file: str, files: dict, build: dict, am: dict, em: dict,

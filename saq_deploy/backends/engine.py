@@ -1,7 +1,7 @@
 """A built engine folder and the EpsModel over it (the one contract every backend satisfies).
 
-    runs/x/engine/            (ONNX Runtime; TensorRT engines use model.plan)
-      model.onnx               ONNX Runtime's optimized graph
+    runs/x/engine/            (ONNX Runtime; TensorRT: engine-tensorrt/model.plan, OpenVINO:
+      model.onnx               engine-openvino/model.blob) ONNX Runtime's optimized graph
       manifest.json            backend + version, providers, input shapes, source hashes,
                                model metadata (schedule, classes, sample shape), parity thresholds
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saq_deploy.backends.registry import REGISTRY, Runner, get_backend
 from saq_deploy.errors import ConfigError, ModelLoadError
 
 MANIFEST_FILE = "manifest.json"
@@ -27,7 +28,7 @@ ENGINE_FORMAT = "saq-deploy-engine"
 class Engine:
     path: Path
     manifest: dict
-    runner: object  # OrtRunner / TrtRunner: run(feeds, out_shape) -> Tensor
+    runner: Runner  # OrtRunner / TrtRunner / OvRunner: run(feeds, out_shape) -> Tensor
 
     @property
     def meta(self) -> dict:
@@ -73,12 +74,15 @@ class Engine:
     def eps_model(self) -> EngineEpsModel:
         return EngineEpsModel(self.runner, self.kind, self.sample_shape, self.max_batch)
 
+    def close(self) -> None:
+        self.runner.close()
+
 
 class EngineEpsModel:
     """``eps(x, t, cond)`` over an engine runner: checks shapes, splits batches above the
     engine's maximum, keeps the caller's dtype/device."""
 
-    def __init__(self, runner, kind: str, sample_shape: tuple[int, ...], max_batch: int | None = None):
+    def __init__(self, runner: Runner, kind: str, sample_shape: tuple[int, ...], max_batch: int | None = None):
         self.runner = runner
         self.kind = kind
         self.sample_shape = tuple(sample_shape)
@@ -142,21 +146,13 @@ def load_engine(path: str | Path, *, providers: list[str] | None = None, threads
     manifest = read_engine_manifest(path)
     if verify:
         verify_files(path, manifest)
-    backend = manifest.get("backend")
-    if force and backend != "tensorrt":  # refused, not ignored: the user expects it to change something
+    name = manifest.get("backend")
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ModelLoadError(f"engine '{path}' names an unknown backend {name!r}")
+    backend = get_backend(name)
+    if force and not backend.supports_force:  # refused, not ignored: the user expects it to change something
         raise ConfigError(f"--force applies to TensorRT plans only (version-compatible ones built by another "
-                          f"TensorRT version); the engine '{path}' runs on {backend}: drop --force")
-    if backend == "onnxruntime":
-        from saq_deploy.backends.onnxruntime import OrtRunner
-
-        build = manifest["build"]
-        runner = OrtRunner(path / manifest["engine_file"], providers=providers or build["providers"],
-                           threads=threads, opt_level="disable",
-                           nbits_accuracy=build.get("matmulnbits_accuracy_level", 0))
-    elif backend == "tensorrt":
-        from saq_deploy.backends import tensorrt as trt_backend
-
-        runner = trt_backend.load_runner(path, manifest, force=force)
-    else:
-        raise ModelLoadError(f"engine '{path}' names an unknown backend {backend!r}")
+                          f"TensorRT version); the engine '{path}' runs on {name}: drop --force")
+    backend.check_manifest(path, manifest, force=force)  # this machine can run it, before any load
+    runner = backend.load(path, manifest, providers=providers, threads=threads, force=force)
     return Engine(path, manifest, runner)

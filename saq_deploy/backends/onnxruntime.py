@@ -145,3 +145,6 @@ class OrtRunner:
 
     def run_numpy(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output_name], feeds)[0]
+
+    def close(self) -> None:
+        self.session = None  # ORT frees the session (and its arena) with the last reference

@@ -1,7 +1,7 @@
 """TensorRT backend: what ``build_engine`` and ``load_engine`` call. TensorRT is imported lazily,
 inside functions only, so this module imports on any machine.
 
-    engines/out/<artifact>-<profile>/
+    <artifact>/engine-tensorrt/   (the default folder: registry.TensorRTBackend.default_engine_dir)
       model.plan          the serialized engine (tied to this TensorRT version and GPU)
       audit.json          precision audit from the engine inspector (saq-deploy inspect prints it)
       engine_info.json    the inspector's raw layer information (JSON, DETAILED verbosity)
@@ -26,8 +26,8 @@ from saq_deploy.backends.tensorrt_build import (
 )
 from saq_deploy.backends.tensorrt_runtime import TrtRunner, check_compat, load_runner, running_info
 from saq_deploy.backends.trt_audit import audit_layers, format_audit
-from saq_deploy.backends.trt_profile import BuildProfile, default_output, load_profile, resolve_profile
+from saq_deploy.backends.trt_profile import BuildProfile, load_profile, resolve_profile
 
 __all__ = ["AUDIT_FILE", "PLAN_FILE", "BuildProfile", "TrtRunner", "audit_layers", "build", "check_compat",
-           "default_output", "format_audit", "load_profile", "load_runner", "preflight", "refuse_lint_errors",
+           "format_audit", "load_profile", "load_runner", "preflight", "refuse_lint_errors",
            "require_builder", "resolve_profile", "running_info", "typing_plan"]

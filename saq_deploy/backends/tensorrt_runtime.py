@@ -255,6 +255,13 @@ class TrtRunner:
             raise ModelLoadError(f"engine output shape {tuple(out.shape)} != expected {tuple(out_shape)}")
         return out if on_gpu else out.cpu()
 
+    def close(self) -> None:
+        """Free the CUDA graphs, then the context before the engine before the runtime (TensorRT's order)."""
+        self._graphs.clear()
+        self.context = None
+        self.engine = None
+        self.runtime = None
+
 
 def load_runner(path: Path, manifest: dict, force: bool = False) -> TrtRunner:
     """Check the manifest against this machine, then open the plan."""

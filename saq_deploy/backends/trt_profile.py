@@ -205,8 +205,3 @@ def resolve_shapes(profile: BuildProfile, inputs: list[dict], meta: dict) -> dic
         raise ConfigError(f"profile '{profile.name}' sets shapes.encoder_hidden_states but this model has no "
                           "cross-attention input")
     return shapes
-
-
-def default_output(artifact: str | Path, profile: BuildProfile, root: str | Path = "engines/out") -> Path:
-    """``engines/out/<artifact-name>-<profile-name>/`` (relative to the working directory)."""
-    return Path(root) / f"{Path(artifact).resolve().name}-{profile.name}"

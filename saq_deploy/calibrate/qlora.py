@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saq_deploy.calibrate.recipe import Recipe
+from saq_deploy.calibrate.methods import get_method
+from saq_deploy.calibrate.recipe import Recipe, quant_config_for
 from saq_deploy.calibrate.steps import CKPT_INFO
 from saq_deploy.errors import ConfigError
 
@@ -59,7 +60,7 @@ def teacher_sampler(method: str, teacher: str) -> str:
     """The FP trajectory: DPM-Solver-2 for sa-qlora (MOTA), DDIM for qlora-mse, unless set."""
     if teacher != "auto":
         return teacher
-    return "dpm-solver-2" if method == "sa-qlora" else "ddim"
+    return "dpm-solver-2" if get_method(method).mota else "ddim"
 
 
 @torch.no_grad()
@@ -233,7 +234,6 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
               max_epochs: int | None = None):
     """Fine-tune ``loaded.unet`` (quantized in place). Returns (unet, quant config, manifest info),
     or None when stopped after ``max_epochs`` new epochs (checkpoint kept for resume)."""
-    from saq_deploy.calibrate.run import quant_config_for
     from saq_deploy.calibrate.trajectory import outer_grid
     from saq_deploy.models.eps_model import TorchEpsModel
     from saq_deploy.models.guidance import ClassifierFreeGuidance
@@ -252,7 +252,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
     fp_eps = TorchEpsModel(fp_unet)
     fp_eps = ClassifierFreeGuidance(fp_eps, c.cfg, loaded.null_label) if guided else fp_eps
     teacher = teacher_sampler(c.method, q.teacher)
-    target = "intermediate" if c.method == "sa-qlora" else "same_point"
+    target = "intermediate" if get_method(c.method).mota else "same_point"
 
     unet, lora_names, params = _prepare(loaded, recipe, ds, qcfg)
     per_epoch = sum(q.mixstep)

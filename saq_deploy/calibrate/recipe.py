@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from saq_deploy.calibrate.methods import METHOD_NAMES, get_method
 from saq_deploy.errors import BadOptionError, ConfigError
 
-METHODS = ("minmax", "percentile", "mse", "brecq", "sa-ptq", "modelopt-int8", "sa-qlora", "qlora-mse")
-RECON_METHODS = ("brecq", "sa-ptq")
-QLORA_METHODS = ("sa-qlora", "qlora-mse")  # LoRA fine-tuning: saq_deploy.calibrate.qlora
+METHODS = METHOD_NAMES  # the registry in calibrate.methods owns the names
 BITS = ("w8a8", "w4a8", "w4a4")
 DATA_SAMPLERS = ("dpm-solver-2", "plms", "ddim")
 ORIENTATIONS = ("outer_to_intermediate", "intermediate_to_outer")
@@ -118,8 +117,9 @@ class CalibrationSection:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"calibration.{name} must be an integer >= 1, got {v!r}")
-        if self.method == "sa-ptq" and self.sampler == "ddim":
-            raise ConfigError("calibration.method = 'sa-ptq' needs a higher-order data sampler "
+        m = get_method(self.method)
+        if m.mota and m.reconstructs and self.sampler == "ddim":
+            raise ConfigError(f"calibration.method = '{m.name}' needs a higher-order data sampler "
                               "(dpm-solver-2 or plms); 'ddim' gives same-point targets (use brecq)")
 
 
@@ -196,7 +196,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if self.calibration.method not in QLORA_METHODS:
+        if not get_method(self.calibration.method).fine_tunes:
             # other methods ignore [qlora]: leaving it out keeps their recipe.json and hash as before
             data.pop("qlora")
         return data
@@ -238,6 +238,24 @@ class Recipe:
             raise
         except ConfigError as e:  # this recipe was valid before: the command-line value is wrong (exit 2)
             raise BadOptionError(f"{e} (set by a command-line option)") from None
+
+
+def quant_config_for(recipe: Recipe, num_train_timesteps: int):
+    """The fake-quant config a recipe asks for (preset by bits, then the recipe's quant keys)."""
+    import dataclasses
+
+    from saq_deploy.quant.config import preset
+
+    cfg = preset(recipe.quant.bits)
+    act = dataclasses.replace(cfg.act, timestep_groups=recipe.quant.act_timestep_groups)
+    weight = cfg.weight
+    if weight.bits == 4:  # 4-bit Linear weights: INT4 blocks (TensorRT GEMM rule) or per channel
+        bs = recipe.quant.weight_block_size
+        weight = dataclasses.replace(weight, granularity="block" if bs else "channel", block_size=bs or None)
+    if (scale := get_method(recipe.calibration.method).weight_scale) is not None:  # ModelOpt: "max"
+        weight = dataclasses.replace(weight, scale_method=scale)
+    return dataclasses.replace(cfg, weight=weight, act=act, num_train_timesteps=num_train_timesteps,
+                               attention_matmul=recipe.quant.attention_matmul)
 
 
 def load_recipe(path: str | Path | None) -> Recipe:

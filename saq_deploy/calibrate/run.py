@@ -23,31 +23,15 @@ from pathlib import Path
 
 import torch
 
-from saq_deploy.calibrate.recipe import QLORA_METHODS, RECON_METHODS, Recipe
+from saq_deploy.calibrate.methods import get_method
+from saq_deploy.calibrate.recipe import Recipe, quant_config_for
 from saq_deploy.calibrate.steps import CKPT_INFO
-from saq_deploy.errors import BackendUnavailableError, ConfigError
+from saq_deploy.errors import ConfigError
 from saq_deploy.utils.io import fsync_dir, fsync_tree
 
 
 def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-def quant_config_for(recipe: Recipe, num_train_timesteps: int):
-    import dataclasses
-
-    from saq_deploy.quant.config import preset
-
-    cfg = preset(recipe.quant.bits)
-    act = dataclasses.replace(cfg.act, timestep_groups=recipe.quant.act_timestep_groups)
-    weight = cfg.weight
-    if weight.bits == 4:  # 4-bit Linear weights: INT4 blocks (TensorRT GEMM rule) or per channel
-        bs = recipe.quant.weight_block_size
-        weight = dataclasses.replace(weight, granularity="block" if bs else "channel", block_size=bs or None)
-    if recipe.calibration.method == "modelopt-int8":  # ModelOpt's "max" weight scales
-        weight = dataclasses.replace(weight, scale_method="minmax")
-    return dataclasses.replace(cfg, weight=weight, act=act, num_train_timesteps=num_train_timesteps,
-                               attention_matmul=recipe.quant.attention_matmul)
 
 
 def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
@@ -64,13 +48,8 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
         if _finish_cleanup(out_dir, work, recipe):
             return out_dir
         raise ConfigError(f"output '{out_dir}' already exists; pass another -o or delete it")
-    if recipe.calibration.method == "modelopt-int8":
-        from saq_deploy.calibrate.modelopt_baseline import INSTALL_HINT, modelopt_available
-
-        if not modelopt_available():
-            raise BackendUnavailableError(f"method 'modelopt-int8' needs NVIDIA ModelOpt: {INSTALL_HINT}")
-        if recipe.quant.bits != "w8a8":
-            raise ConfigError("modelopt-int8 is an INT8 baseline: use --bits w8a8")
+    method = get_method(recipe.calibration.method)
+    method.check(recipe.quant.bits)  # a missing package or an unsupported bit width, before any work
     rhash = recipe_hash(recipe)
     info_path = work / CKPT_INFO
     if info_path.exists() and json.loads(info_path.read_text()).get("recipe_hash") != rhash:
@@ -86,7 +65,8 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
 
     try:
         ds = collect_or_open(loaded, recipe, work / "data", progress=progress)
-        if recipe.calibration.method in QLORA_METHODS:  # LoRA fine-tuning (saq_deploy.calibrate.qlora)
+        # the one dispatch point on how a method runs (calibrate.methods)
+        if method.fine_tunes:  # LoRA fine-tuning (saq_deploy.calibrate.qlora)
             from saq_deploy.calibrate.qlora import run_qlora
 
             qlora = run_qlora(loaded, recipe, ds, work, rhash, progress=progress, max_epochs=max_epochs)
@@ -102,7 +82,7 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     unet, block_losses, qcfg = result
     wall = time.perf_counter() - t0
     manifest = build_manifest(recipe, loaded, ds, qcfg, block_losses, wall)
-    if recipe.calibration.method in QLORA_METHODS:
+    if method.fine_tunes:
         from saq_deploy.calibrate.qlora import DEPLOYMENT_NOTES
 
         manifest["qlora"] = qlora[2]
@@ -183,4 +163,4 @@ def render_report(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RECON_METHODS", "calibrate"]
+__all__ = ["calibrate", "quant_config_for", "recipe_hash"]

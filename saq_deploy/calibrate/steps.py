@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from saq_deploy.calibrate.recipe import RECON_METHODS, Recipe
+from saq_deploy.calibrate.methods import get_method
+from saq_deploy.calibrate.recipe import Recipe, quant_config_for
 
 CKPT_STATE, CKPT_INFO = "ckpt.safetensors", "ckpt.json"
 
@@ -24,12 +25,17 @@ def collect_or_open(loaded, recipe: Recipe, data_dir: Path, *, progress: bool):
     if (data_dir / "manifest.json").exists():
         return TrajectoryDataset(data_dir)
     c = recipe.calibration
-    pairing = c.orientation if c.method == "sa-ptq" else "outer_to_intermediate"
     return collect_trajectories(
         loaded.eps_model(), loaded.schedule(), data_dir, num_samples=c.num_samples, steps=c.steps,
         seed=c.seed, cfg=c.cfg, num_classes=loaded.num_classes, null_label=loaded.null_label,
-        sample_shape=loaded.sample_shape, sampler=c.sampler, spacing=c.spacing, pairing=pairing,
+        sample_shape=loaded.sample_shape, sampler=c.sampler, spacing=c.spacing, pairing=data_pairing(recipe),
         model_hash=loaded.source_hash, progress=progress)
+
+
+def data_pairing(recipe: Recipe) -> str:
+    """Which points the trajectory data pairs: the recipe's orientation for a MOTA reconstruction."""
+    m, c = get_method(recipe.calibration.method), recipe.calibration
+    return c.orientation if m.mota and m.reconstructs else "outer_to_intermediate"
 
 
 def check_block_sizes(unet, recipe: Recipe, num_train_timesteps: int) -> None:
@@ -38,7 +44,6 @@ def check_block_sizes(unet, recipe: Recipe, num_train_timesteps: int) -> None:
     No silent per-layer fallback: a layer quietly left per-channel would export differently from
     what the recipe says (TensorRT's INT4 GEMMs want blocks); ``quant.weight_block_size = 0``
     (per-channel INT4 on every 4-bit Linear) is the recipe's own fallback."""
-    from saq_deploy.calibrate.run import quant_config_for
     from saq_deploy.errors import ConfigError
     from saq_deploy.quant.api import block_size_conflicts
 
@@ -63,7 +68,7 @@ class Records:
     def __init__(self, ds, recipe: Recipe, null_label: int | None):
         sf, tf = ds.student_fields(), ds.target_fields()
         s, t = ds.load_fields(sf), ds.load_fields(tf)
-        same_point = recipe.calibration.method != "sa-ptq"  # brecq: FP target at the student point
+        same_point = not get_method(recipe.calibration.method).mota  # brecq: FP target at the student point
         xs, ts = s[sf.x], s[sf.t].float()
         labels = s[sf.cond] if ds.conditional else None  # unconditional records store label -1
         xt, tt = (xs, ts) if same_point else (t[tf.x], t[tf.t].float())
@@ -104,8 +109,8 @@ def _leaf_types() -> tuple[type, ...]:
 def _act_method(method: str, observer: str, act_bits: int) -> str:
     """Baselines name their observer; reconstruction methods start from ``observer`` ("auto":
     minmax for 8-bit activations, whose outliers matter in diffusion UNets; MSE for 4-bit)."""
-    if method in ("minmax", "percentile", "mse"):
-        return method
+    if (fixed := get_method(method).act_observer) is not None:
+        return fixed
     if observer != "auto":
         return observer
     return "minmax" if act_bits >= 8 else "mse"
@@ -115,10 +120,10 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
                  max_blocks: int | None):
     """Quantize ``loaded.unet`` in place and calibrate it. Returns (unet, block losses, config),
     or None when stopped after ``max_blocks`` (checkpoint kept)."""
-    from saq_deploy.calibrate.run import quant_config_for
     from saq_deploy.quant.api import quantize_
     from saq_deploy.quant.observers import init_act_steps
 
+    method = get_method(recipe.calibration.method)
     T = loaded.schedule().num_train_timesteps
     qcfg = quant_config_for(recipe, T)
     groups = qcfg.act.timestep_groups
@@ -131,7 +136,7 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
     else:
         unet = loaded.unet
         quantize_(unet, qcfg)
-        if recipe.calibration.method == "modelopt-int8":  # ModelOpt's amaxes, no reconstruction
+        if method.runner == "modelopt":  # ModelOpt's amaxes, no reconstruction
             from saq_deploy.calibrate.modelopt_baseline import apply_modelopt_int8
 
             apply_modelopt_int8(unet, qcfg, lambda m: [f() for f in Records.feeds(m, records.student, groups, T)])
@@ -140,10 +145,10 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
             init_act_steps(unet, lambda: [f() for f in feeds],
                            method=_act_method(recipe.calibration.method, recipe.quant.act_observer, qcfg.act.bits))
         done, losses = 0, []
-        if recipe.calibration.method in RECON_METHODS:
+        if method.reconstructs:
             _write_ckpt(work, unet, rhash, 0, [])
     loaded.unet = unet
-    if recipe.calibration.method in RECON_METHODS:
+    if method.reconstructs:
         finished = _reconstruct_all(unet, fp_unet, records, recipe, qcfg, work, rhash, done, losses,
                                     progress=progress, max_blocks=max_blocks)
         if not finished:

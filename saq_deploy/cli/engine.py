@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
+from saq_deploy.backends.registry import BACKENDS
 
-class Backend(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
+# the choices come from the backend registry (saq_deploy.backends.registry): one list of names
+Backend = Enum("Backend", {name: name for name in BACKENDS}, type=str)
 
 
 class Target(str, Enum):
@@ -29,7 +29,7 @@ class OptLevel(str, Enum):
 
 ArtifactArg = Annotated[Path, typer.Argument(help="Calibrated artifact folder (from saq-deploy calibrate).")]
 BackendOpt = Annotated[Backend, typer.Option("--backend", "-b", case_sensitive=False, help="Engine backend.")]
-EngineDirOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine folder (default: <artifact>/engine for onnxruntime).")]
+EngineDirOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine folder (default: the backend's folder in the artifact: engine, engine-tensorrt, engine-openvino).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Only for version-compatible TensorRT plans built by another TensorRT version: load them anyway.")]
 
 
@@ -59,19 +59,20 @@ def export_cmd(
 def build_engine_cmd(
     artifact: ArtifactArg,
     backend: BackendOpt = Backend.onnxruntime,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Engine folder to write (default: <artifact>/engine, or engines/out/... for TensorRT).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Engine folder to write (default: <artifact>/engine, engine-tensorrt or engine-openvino).")] = None,
     onnx_file: Annotated[Path | None, typer.Option("--onnx", help="Build from this Q/DQ ONNX instead of the artifact's own export (must have the same inputs).")] = None,
     profile: Annotated[Path | None, typer.Option("--profile", "-p", help="TensorRT build profile (engines/profiles/*.toml).")] = None,
     provider: Annotated[list[str] | None, typer.Option("--provider", help="ONNX Runtime execution provider(s), e.g. CUDAExecutionProvider (default: CPU).")] = None,
     opt_level: Annotated[OptLevel, typer.Option("--opt-level", case_sensitive=False, help="ONNX Runtime graph optimization level ('all' may use CPU-specific layouts; 'extended' is portable).")] = OptLevel.all,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Largest batch per engine call (bigger batches are split).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="OpenVINO: CPU threads the compiled model uses (default: all).")] = None,
 ) -> None:
-    """Build an engine (ONNX Runtime everywhere, TensorRT on NVIDIA GPUs) from a calibrated artifact."""
+    """Build an engine (ONNX Runtime everywhere, OpenVINO on x86 CPUs, TensorRT on NVIDIA GPUs) from a calibrated artifact."""
     from saq_deploy.backends.build import build_engine
 
     # the export takes minutes: say why build-engine is busy before it starts
     out = build_engine(artifact, backend.value, output, onnx_file=onnx_file, providers=provider,
-                       opt_level=opt_level.value, max_batch=max_batch, profile=profile,
+                       opt_level=opt_level.value, max_batch=max_batch, profile=profile, threads=threads,
                        note=lambda line: typer.echo(line, err=True))
     typer.echo(f"wrote {out}/ ({backend.value} engine); next: saq-deploy validate {artifact} --backend {backend.value}")
 
@@ -114,6 +115,7 @@ def bench_cmd(
     engine: EngineDirOpt = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch per UNet call.")] = 8,
     calls: Annotated[int, typer.Option("--calls", min=1, help="Timed calls per variant (after 3 warm-up calls).")] = 20,
+    with_engine: Annotated[list[Path] | None, typer.Option("--with-engine", help="Another engine folder of this artifact (any backend) timed in the same interleaved run.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Median latency per UNet call: engine vs PyTorch FP32 vs ONNX Runtime FP32, side by side."""
@@ -124,9 +126,10 @@ def bench_cmd(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from saq_deploy.validate.bench import bench_engine
 
-    r = bench_engine(artifact, backend.value, engine, batch=batch, calls=calls, force=force)
+    r = bench_engine(artifact, backend.value, engine, batch=batch, calls=calls, force=force,
+                     others=tuple(with_engine or ()))
     for k, v in r["median_ms"].items():
-        typer.echo(f"{k:>28}: {v:8.2f} ms")
+        typer.echo(f"{k:>36}: {v:8.2f} ms")
     typer.echo(f"engine speed-up: {r['speedup_vs_onnxruntime_fp32']:.2f}x vs ONNX Runtime FP32, "
                f"{r['speedup_vs_pytorch_fp32']:.2f}x vs PyTorch FP32 (batch {batch}, {calls} calls)")
 

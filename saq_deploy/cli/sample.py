@@ -47,4 +47,24 @@ def sample_cmd(
                               label=label, spacing=spacing.value if spacing else None, batch_size=batch_size)
     out = sample_to_file(model, settings, output, cond_file=cond_file, artifact=artifact, engine=engine,
                          progress=True, force=force)
-    typer.echo(f"wrote {out} ({num_samples} samples, {sampler.value}, {steps} steps, cfg {cfg})")
+    import json
+
+    m = json.loads(out.with_suffix(".json").read_text())
+    typer.echo(f"wrote {out} ({describe_run(m, num_samples)})")
+    if m.get("grid_note"):
+        typer.echo(f"note: {m['grid_note']}")
+
+
+def describe_run(manifest: dict, n: int) -> str:
+    """What actually ran, from the sample manifest: guidance only where it was applied."""
+    ran = manifest["ran"]
+    parts = [f"{n} samples", ran["sampler"], f"{ran['steps']} steps"]
+    if ran["guidance_scale"] is not None:
+        parts.append(f"cfg {ran['guidance_scale']:g}")
+    elif ran["conditional"]:
+        parts.append("conditional, no guidance (cfg 1)")
+    else:
+        parts.append("unconditional, no guidance")
+    if manifest.get("decoded_by_vae"):
+        parts.append(f"decoded by the VAE in {manifest['decoded_by_vae']}")
+    return ", ".join(parts)

@@ -8,19 +8,18 @@ from typing import Annotated
 
 import typer
 
+from saq_deploy.backends.registry import BACKENDS
 from saq_deploy.cli.engine import Backend
 
-
-class ServeBackend(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    torch = "torch"
+# the engine backends of the registry, plus torch (the artifact's fake-quant PyTorch model)
+ServeBackend = Enum("ServeBackend", {name: name for name in (*BACKENDS, "torch")}, type=str)
 
 
 ArtifactArg = Annotated[Path, typer.Argument(help="Calibrated artifact folder (saq-deploy calibrate -o).",
                                              exists=True, file_okay=False)]
-EngineOpt = Annotated[Path | None, typer.Option("--engine", help="Engine folder (default: <artifact>/engine, "
-                                                "or <artifact>/engine-tensorrt).", exists=True, file_okay=False)]
+EngineOpt = Annotated[Path | None, typer.Option("--engine", help="Engine folder (default: the backend's folder "
+                                                "in the artifact: engine, engine-tensorrt, engine-openvino).",
+                                                exists=True, file_okay=False)]
 
 
 def serve_cmd(
@@ -51,7 +50,7 @@ def serve_cmd(
                                                 "body once the headers are in (then 408 and close).")] = 30.0,
     max_in_flight: Annotated[int, typer.Option("--max-in-flight", help="Requests handled at once before 503 "
                                                "(/healthz and /readyz are exempt).")] = 512,
-    threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime / OpenVINO CPU threads.")] = None,
     force: Annotated[bool, typer.Option("--force", help="TensorRT only: load a plan built by another TensorRT "
                                         "version. Only for version-compatible plans (build profile "
                                         "version_compatible = true); others are still refused.")] = False,
@@ -74,7 +73,11 @@ def serve_cmd(
                          max_body_bytes=max_body_bytes, max_n=max_n, max_steps=max_steps,
                          allow_ungated=allow_ungated, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                          max_in_flight=max_in_flight, api_key=api_key)
-    if force and backend is not ServeBackend.tensorrt:
+    if force and backend.value != "torch":
+        from saq_deploy.backends.registry import get_backend
+
+        get_backend(backend.value).check_force(force)
+    elif force:
         raise ConfigError("--force applies to TensorRT plans only (--backend tensorrt)")
     run_server(artifact, backend=backend.value, engine=engine, host=host, port=port, config=config,
                threads=threads, log_level=log_level.lower(), force=force, echo=lambda s: typer.echo(s, err=True))

@@ -5,7 +5,8 @@ Accepted ``--model`` values:
 - a diffusers UNet folder (``config.json`` + weights; ``UNet2DModel`` or ``UNet2DConditionModel``)
   with ``scheduler_config.json`` beside it or in ``../scheduler/`` (pipeline layout); its weights
   must match the config key for key (no layer is left randomly initialised);
-- a diffusers pipeline folder: ``unet/`` and ``scheduler/``, with or without ``model_index.json``.
+- a diffusers pipeline folder: ``unet/`` and ``scheduler/``, with or without ``model_index.json``,
+  and an optional ``vae/`` (AutoencoderKL) that decodes latents (``LoadedModel.decode``).
 Nothing is ever downloaded: only local paths are read.
 """
 
@@ -36,6 +37,25 @@ class LoadedModel:
     num_classes: int | None = None  # class-conditional models only
     null_label: int | None = None  # label of the unconditional branch for CFG (None: no CFG)
     meta: dict = field(default_factory=dict)
+    vae: Any = None  # diffusers AutoencoderKL of a pipeline folder's vae/, or None
+    vae_dir: Path | None = None
+
+    def decode(self, latents):
+        """Images from the UNet's samples: VAE-decoded for a pipeline with ``vae/``, else as sampled."""
+        if self.vae is None:
+            return latents
+        from saq_deploy.models.vae import VaeDecoder
+
+        return VaeDecoder(self.vae)(latents)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one image: the sample shape, or the VAE's decoded shape for a latent pipeline."""
+        if self.vae is None:
+            return self.sample_shape
+        _, h, w = self.sample_shape
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (int(self.vae.config.out_channels), h * f, w * f)
 
     @property
     def kind(self) -> str:
@@ -80,7 +100,7 @@ def _resolve_unet_dir(path: Path) -> tuple[Path, Path | None]:
         raise ModelLoadError(f"model path '{path}' is a file; pass the diffusers folder that holds "
                              "config.json and the weights")
     # a pipeline folder: model_index.json, or (saved part by part, or copied without it) a unet/
-    # subfolder with its config; other parts (vae/, text_encoder/) are not read
+    # subfolder with its config; vae/ is read by load_pipeline_vae, text_encoder/ is not read
     is_pipeline = (path / "model_index.json").exists() or (
         not (path / "config.json").exists() and (path / "unet" / "config.json").exists())
     if is_pipeline:
@@ -98,15 +118,21 @@ def _resolve_unet_dir(path: Path) -> tuple[Path, Path | None]:
 
 
 def _load_unet(unet_dir: Path):
-    cfg = json.loads((unet_dir / "config.json").read_text())
+    return load_diffusers_model(unet_dir, SUPPORTED_CLASSES, "the UNet")
+
+
+def load_diffusers_model(model_dir: Path, classes: tuple[str, ...], what: str):
+    """A diffusers model folder (config.json + weights) of one of ``classes``, eval mode, float32;
+    weights vetted before diffusers reads them and matched to the config key for key."""
+    cfg = json.loads((model_dir / "config.json").read_text())
     cls_name = cfg.get("_class_name")
-    if cls_name not in SUPPORTED_CLASSES:
-        raise ModelLoadError(f"'{unet_dir}' holds a {cls_name or 'non-diffusers'} model; supported: "
-                             + ", ".join(SUPPORTED_CLASSES))
-    weights = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors"))
-    bins = [] if weights else sorted(unet_dir.glob("diffusion_pytorch_model*.bin"))
+    if cls_name not in classes:
+        raise ModelLoadError(f"'{model_dir}' holds a {cls_name or 'non-diffusers'} model; supported: "
+                             + ", ".join(classes))
+    weights = sorted(model_dir.glob("diffusion_pytorch_model*.safetensors"))
+    bins = [] if weights else sorted(model_dir.glob("diffusion_pytorch_model*.bin"))
     if not weights and not bins:
-        raise ModelLoadError(f"'{unet_dir}' has no diffusion_pytorch_model.safetensors (or .bin) weights")
+        raise ModelLoadError(f"'{model_dir}' has no diffusion_pytorch_model.safetensors (or .bin) weights")
     for w in weights:  # check the header before diffusers does, for a one-line error
         _check_safetensors(w)
     for b in bins:  # our own check: never depend on a library default to keep pickled code from running
@@ -120,16 +146,16 @@ def _load_unet(unet_dir: Path):
     diffusers_logging.set_verbosity_error()
     try:
         # .bin weights go through torch.load(weights_only=True) inside diffusers
-        unet, info = cls.from_pretrained(unet_dir, use_safetensors=bool(weights), local_files_only=True,
-                                         low_cpu_mem_usage=False,  # no accelerate needed
-                                         output_loading_info=True)
+        model, info = cls.from_pretrained(model_dir, use_safetensors=bool(weights), local_files_only=True,
+                                          low_cpu_mem_usage=False,  # no accelerate needed
+                                          output_loading_info=True)
     except Exception as e:  # diffusers raises many types for broken folders
-        raise ModelLoadError(f"could not load the UNet from '{unet_dir}': {type(e).__name__}: "
+        raise ModelLoadError(f"could not load {what} from '{model_dir}': {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         diffusers_logging.set_verbosity(verbosity)
     _check_keys(weights or bins, info)
-    return unet.eval().float()
+    return model.eval().float()
 
 
 def _check_keys(files: list[Path], info: dict) -> None:
@@ -177,6 +203,11 @@ def _check_bin(path: Path) -> None:
                              f"({type(e).__name__}); re-download or re-export it") from e
 
 
+def resolve_unet_dir(path: Path) -> tuple[Path, Path | None]:
+    """Public: (unet folder, scheduler_config.json or None) for a UNet or pipeline folder."""
+    return _resolve_unet_dir(path)
+
+
 def load_model(spec: str | Path) -> LoadedModel:
     """Load ``builtin:NAME`` or a local diffusers folder. Raises ConfigError / ModelLoadError."""
     from saq_deploy.utils.io import sha256_dir
@@ -192,6 +223,11 @@ def load_model(spec: str | Path) -> LoadedModel:
         raise ModelLoadError(f"no scheduler_config.json beside '{unet_dir}' or in ../scheduler/; the noise "
                              "schedule is needed to sample: copy the pipeline's scheduler config there")
     unet = _load_unet(unet_dir)
+    vae, vae_dir = load_pipeline_vae(unet_dir)
+    if vae is not None and int(vae.config.latent_channels) != int(unet.config.out_channels):
+        raise ModelLoadError(f"'{vae_dir}' decodes {vae.config.latent_channels}-channel latents but the UNet in "
+                             f"'{unet_dir}' makes {unet.config.out_channels} channels: this vae/ does not "
+                             "belong to this unet/ (fix the pipeline folder)")
     meta_path = unet_dir / MODEL_META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     num_class_embeds = unet.config.get("num_class_embeds")
@@ -205,4 +241,17 @@ def load_model(spec: str | Path) -> LoadedModel:
         num_classes=num_classes if num_class_embeds else None,
         null_label=meta.get("null_label") if num_class_embeds else None,
         meta=meta,
+        vae=vae,
+        vae_dir=vae_dir,
     )
+
+
+def load_pipeline_vae(unet_dir: Path):
+    """(AutoencoderKL, its folder) when ``unet_dir`` is a pipeline's ``unet/`` with a ``vae/`` beside
+    it, else (None, None)."""
+    from saq_deploy.models.vae import find_vae_dir, load_vae
+
+    if unet_dir.name != "unet":
+        return None, None
+    vae_dir = find_vae_dir(unet_dir.parent)
+    return (None, None) if vae_dir is None else (load_vae(vae_dir), vae_dir)

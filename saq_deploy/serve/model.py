@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from saq_deploy.backends.registry import BACKENDS, get_backend
 from saq_deploy.errors import ConfigError, ModelLoadError
 
-SERVE_BACKENDS = ("onnxruntime", "tensorrt", "torch")
+SERVE_BACKENDS = (*BACKENDS, "torch")  # torch: the artifact's fake-quant PyTorch model, no engine
 GATE_FILE = "parity.json"
-DEFAULT_ENGINE_DIR = {"onnxruntime": "engine", "tensorrt": "engine-tensorrt"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def check_gate(engine_dir: Path, manifest: dict) -> Gate:
 
 
 def default_engine_dir(artifact: Path, backend: str) -> Path:
-    return Path(artifact) / DEFAULT_ENGINE_DIR[backend]
+    return get_backend(backend).default_engine_dir(artifact)
 
 
 def load_served(artifact: str | Path, backend: str = "onnxruntime", *, engine: str | Path | None = None,
@@ -141,7 +141,7 @@ def load_served(artifact: str | Path, backend: str = "onnxruntime", *, engine: s
     am = verify_artifact(artifact)
     if backend == "torch":
         if engine is not None:
-            raise ConfigError("--engine applies to the onnxruntime and tensorrt backends, not torch")
+            raise ConfigError(f"--engine applies to the engine backends ({', '.join(BACKENDS)}), not torch")
         return _load_torch(artifact, am)
     from saq_deploy.backends import load_engine
 
@@ -154,9 +154,7 @@ def load_served(artifact: str | Path, backend: str = "onnxruntime", *, engine: s
         raise ModelLoadError(f"engine '{engine_dir}' was built from a different calibration than '{artifact}' "
                              "(state hash mismatch); rebuild it with saq-deploy build-engine")
     cond_tokens, cond_dim = _engine_cond_shape(eng.manifest)
-    build = eng.manifest.get("build", {})
-    runtime_version = build.get(backend) or eng.manifest.get("versions", {}).get(backend)
-    info = _info(eng.meta, am, backend, runtime_version)
+    info = _info(eng.meta, am, backend, get_backend(backend).runtime_version(eng.manifest))
     info["engine"].update(max_batch=eng.max_batch, files=dict(eng.manifest.get("files", {})))
     return ServedModel(eng.eps_model(), eng.schedule(), eng.sample_shape, eng.kind, backend,
                        num_classes=eng.num_classes, null_label=eng.null_label, engine_max_batch=eng.max_batch,
@@ -197,12 +195,11 @@ def _engine_cond_shape(manifest: dict) -> tuple[int | None, int | None]:
 
 def _info(meta: dict, am: dict, backend: str, runtime_version: str | None) -> dict:
     """/v1/model content. Names and hashes only: no filesystem paths."""
-    runtime = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch"}[backend]
     return {
         "model": {k: meta.get(k) for k in ("name", "kind", "sample_shape", "num_classes", "null_label",
                                            "source_hash")},
         "calibration": {"method": am.get("method", meta.get("method")), "bits": am.get("bits", meta.get("bits")),
                         "calibrated_for": meta.get("calibrated_for") or am.get("calibrated_for"),
                         "state_sha256": am.get("state_sha256")},
-        "engine": {"backend": backend, "runtime": runtime, "runtime_version": runtime_version},
+        "engine": {"backend": backend, "runtime": backend, "runtime_version": runtime_version},
     }

@@ -2,11 +2,12 @@
 
     python -m saq_deploy.serve.prepare ARTIFACT --backend tensorrt --cache /cache/engines
 
-Engines are not portable: a TensorRT plan is tied to the GPU model and the TensorRT version, and
-an ONNX Runtime graph saved at the "all" level to the CPU and the ORT version. With ``--cache``
+Engines are not portable: a TensorRT plan is tied to the GPU model and the TensorRT version, an
+OpenVINO blob to the CPU and the OpenVINO version, and an ONNX Runtime graph saved at the "all"
+level to the CPU and the ORT version. With ``--cache``
 the engine lives in ``<cache>/<device>-<runtime><version>-<artifact hash>/``, so a new GPU, a new
 image or a new artifact gets its own engine and a restart reuses the right one. Without it, the
-engine is ``<artifact>/engine`` (or ``engine-tensorrt``). Concurrent starts on one cache volume
+engine is the backend's default folder (``<artifact>/engine``, ``engine-tensorrt``, ``engine-openvino``). Concurrent starts on one cache volume
 serialize on a lock file. After a build the parity gate runs (``saq-deploy validate``); an engine
 that fails it is never served. The engine folder is the last line on stdout.
 """
@@ -17,7 +18,6 @@ import argparse
 import contextlib
 import importlib.metadata
 import logging
-import platform
 import re
 import shutil
 import subprocess
@@ -33,8 +33,12 @@ def _slug(text: str) -> str:
 
 
 def device_name(backend: str) -> str:
-    """GPU model for TensorRT (nvidia-smi, else torch), CPU model for ONNX Runtime."""
-    if backend == "tensorrt":
+    """GPU model for GPU backends (nvidia-smi, else torch), CPU model for CPU ones."""
+    from saq_deploy.backends.registry import get_backend
+    from saq_deploy.utils.versions import cpu_model
+
+    spec = get_backend(backend)
+    if spec.device == "cuda":
         smi = shutil.which("nvidia-smi")
         if smi:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -46,18 +50,14 @@ def device_name(backend: str) -> str:
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)
-        raise ConfigError("the tensorrt backend needs an NVIDIA GPU and none is visible (nvidia-smi, torch.cuda)")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+        raise ConfigError(f"the {backend} backend needs an NVIDIA GPU and none is visible (nvidia-smi, torch.cuda)")
+    return cpu_model()
 
 
 def runtime_version(backend: str) -> str:
-    dist = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"), "onnxruntime": ("onnxruntime",
-                                                                                      "onnxruntime-gpu")}[backend]
-    for name in dist:
+    from saq_deploy.backends.registry import get_backend
+
+    for name in get_backend(backend).distributions:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(name)
     raise ConfigError(f"{backend} is not installed in this environment")
@@ -65,9 +65,10 @@ def runtime_version(backend: str) -> str:
 
 def cache_key(backend: str, state_sha256: str, profile: Path | None = None) -> str:
     """``<device>-<runtime><version>-<artifact hash[:16]>[-p<profile hash[:8]>]``."""
+    from saq_deploy.backends.registry import get_backend
     from saq_deploy.utils.io import sha256_file
 
-    rt = "trt" if backend == "tensorrt" else "ort"
+    rt = get_backend(backend).cache_tag
     key = f"{_slug(device_name(backend))}-{rt}{_slug(runtime_version(backend))}-{state_sha256[:16]}"
     return key + (f"-p{sha256_file(profile)[:8]}" if profile else "")
 
@@ -103,13 +104,13 @@ def prepare_engine(artifact: Path, backend: str, *, cache: Path | None = None, v
     from saq_deploy.api import verify_artifact
     from saq_deploy.backends import build_engine
     from saq_deploy.backends.engine import read_engine_manifest
+    from saq_deploy.backends.registry import get_backend
     from saq_deploy.serve.model import check_gate, default_engine_dir
 
-    if backend not in ("onnxruntime", "tensorrt"):
-        raise ConfigError(f"prepare builds onnxruntime or tensorrt engines, not '{backend}'")
+    spec = get_backend(backend)
     state = verify_artifact(artifact)["state_sha256"]
     log = log or logging.getLogger("saq_deploy.serve").info
-    if profile is not None and backend != "tensorrt":
+    if profile is not None and not spec.takes_profile:
         raise ConfigError("--profile (a TensorRT build profile) applies to the tensorrt backend only")
     engine_dir = cache / cache_key(backend, state, profile) if cache else default_engine_dir(artifact, backend)
     with _locked((cache or engine_dir.parent) / f".{engine_dir.name}.lock"):
@@ -135,7 +136,9 @@ def prepare_engine(artifact: Path, backend: str, *, cache: Path | None = None, v
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m saq_deploy.serve.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path)
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    from saq_deploy.backends.registry import BACKENDS
+
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--cache", type=Path, default=None, help="engine cache folder (a volume in containers)")
     p.add_argument("--profile", type=Path, default=None, help="TensorRT build profile (engines/profiles/*.toml)")
     p.add_argument("--no-validate", action="store_true", help="do not run the parity gate after a build")

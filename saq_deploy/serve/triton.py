@@ -52,13 +52,16 @@ def _param(key: str, value: str) -> str:
 def config_pbtxt(manifest: dict, *, name: str, max_batch_size: int, max_queue_delay_us: int = 500,
                  instances: int = 1) -> str:
     """The text-format ModelConfig for an engine manifest."""
-    trt = manifest["backend"] == "tensorrt"
+    from saq_deploy.backends.registry import get_backend
+
+    spec = get_backend(manifest["backend"])
+    trt = spec.device == "cuda"
     preferred = sorted({b for b in (1, 2, 4, 8, 16, 32, max_batch_size) if b <= max_batch_size})
     src = manifest.get("source", {})
     meta = manifest.get("model_meta", {})
     out = [
         f'name: "{name}"',
-        'platform: "tensorrt_plan"' if trt else 'backend: "onnxruntime"',
+        spec.triton,
         f"max_batch_size: {max_batch_size}",
         "input [\n" + ",\n".join(_tensor_block(s) for s in manifest["inputs"]) + "\n]",
         "output [\n" + ",\n".join(_tensor_block(s) for s in manifest["outputs"]) + "\n]",
@@ -75,9 +78,10 @@ def config_pbtxt(manifest: dict, *, name: str, max_batch_size: int, max_queue_de
 
 
 def _model_file(artifact: Path, engine_dir: Path, manifest: dict) -> tuple[Path, str]:
+    from saq_deploy.backends.registry import get_backend
     from saq_deploy.utils.io import sha256_file
 
-    if manifest["backend"] == "tensorrt":
+    if get_backend(manifest["backend"]).triton_ships_engine:  # TensorRT: the plan itself
         return engine_dir / manifest["engine_file"], "model.plan"
     source = manifest["source"]
     src = artifact / "onnx" / source["export_target"] / "model.onnx"
@@ -93,16 +97,19 @@ def export_triton(artifact: str | Path, output: str | Path, *, backend: str = "o
     """Write ``<output>/<name>/`` for the artifact's engine (hashes verified first)."""
     from saq_deploy.api import verify_artifact
     from saq_deploy.backends.engine import read_engine_manifest, verify_files
-    from saq_deploy.serve.model import DEFAULT_ENGINE_DIR
+    from saq_deploy.backends.registry import REGISTRY, get_backend
     from saq_deploy.utils.io import sha256_file
 
     if not NAME_RE.match(name):
         raise ConfigError(f"--name '{name}' must be 1-64 characters of letters, digits, '_', '.', '-'")
-    if backend not in DEFAULT_ENGINE_DIR:
-        raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(DEFAULT_ENGINE_DIR)}")
+    spec = get_backend(backend)
+    if spec.triton is None:
+        names = ", ".join(b.name for b in REGISTRY.values() if b.triton)
+        raise ConfigError(f"export-triton writes models for the {names} backends; a {spec.title} engine has "
+                          "no Triton model here: build one with --backend onnxruntime")
     artifact = Path(artifact)
     am = verify_artifact(artifact)
-    engine_dir = Path(engine) if engine else artifact / DEFAULT_ENGINE_DIR[backend]
+    engine_dir = Path(engine) if engine else spec.default_engine_dir(artifact)
     manifest = read_engine_manifest(engine_dir)
     verify_files(engine_dir, manifest)
     if manifest["backend"] != backend:

@@ -158,6 +158,21 @@ def check_seal(manifest: dict, path: str | os.PathLike, remedy: str) -> None:
                              f"match its content); {remedy}")
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise the OSError a later write of ``path`` would meet (EACCES, EROFS, ENOTDIR), by creating
+    and removing a temp file in its nearest existing folder; creates nothing that stays."""
+    import errno
+
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def publish_mode(folder: str | os.PathLike) -> None:
     """Give a ``mkdtemp`` folder (always 0700) the mode a plain ``mkdir`` would (0777 & ~umask)
     before it is renamed into place, so a shared engine or export folder is readable as usual."""

@@ -26,14 +26,17 @@ def _feed(kind: str, shape, batch: int, cond_shape=None) -> tuple:
 
 
 def bench_engine(artifact: str | Path, backend: str = "onnxruntime", engine: str | Path | None = None, *,
-                 batch: int = 8, calls: int = 20, warmup: int = 3, force: bool = False) -> dict:
+                 batch: int = 8, calls: int = 20, warmup: int = 3, force: bool = False,
+                 others: tuple[str | Path, ...] = ()) -> dict:
+    """``others``: more engine folders of the same calibration, timed in the same interleaved run."""
     from saq_deploy.backends.engine import EngineEpsModel, load_engine
     from saq_deploy.backends.onnxruntime import OrtRunner
+    from saq_deploy.backends.registry import default_engine_dir
     from saq_deploy.calibrate.artifact import load_artifact
     from saq_deploy.export.torch_export import export_unet_onnx
     from saq_deploy.models.eps_model import TorchEpsModel
     from saq_deploy.utils.io import write_json_atomic
-    from saq_deploy.validate.run import check_force, default_engine_dir
+    from saq_deploy.validate.run import check_force
 
     if batch < 1 or calls < 1:
         raise ConfigError("bench needs --batch >= 1 and --calls >= 1")
@@ -41,6 +44,12 @@ def bench_engine(artifact: str | Path, backend: str = "onnxruntime", engine: str
     artifact = Path(artifact)
     q = load_artifact(artifact)
     eng = load_engine(Path(engine) if engine else default_engine_dir(artifact, backend), force=force)
+    extra = {}
+    for d in others:
+        e = load_engine(d)
+        if e.manifest["source"]["state_sha256"] != q.manifest["state_sha256"]:
+            raise ConfigError(f"--with-engine '{d}' was built from a different calibration than '{artifact}'")
+        extra[f"{e.backend}-engine ({Path(d).name})"] = e.eps_model()
     if q.loaded.kind == "text":
         raise ConfigError("bench covers class-conditional and unconditional models; see benchmarks/speed.py")
     models = {"pytorch-fp32": TorchEpsModel(q.fp_unet)}
@@ -49,7 +58,9 @@ def bench_engine(artifact: str | Path, backend: str = "onnxruntime", engine: str
         export_unet_onnx(q.fp_unet, q.loaded.kind, q.loaded.sample_shape, fp)
         runner = OrtRunner(fp, opt_level="all", spinning=False)
         models["onnxruntime-fp32"] = EngineEpsModel(runner, q.loaded.kind, q.loaded.sample_shape)
-        models[f"{backend}-engine ({q.manifest['bits']})"] = eng.eps_model()
+        eng_key = f"{backend}-engine ({q.manifest['bits']})"
+        models[eng_key] = eng.eps_model()
+        models.update(extra)
         x, t, c = _feed(q.loaded.kind, q.loaded.sample_shape, batch)
         with torch.no_grad():
             for _ in range(warmup):
@@ -62,7 +73,6 @@ def bench_engine(artifact: str | Path, backend: str = "onnxruntime", engine: str
                     m(x, t, c)
                     times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    eng_key = next(k for k in med if k.endswith(")"))
     result = {"batch": batch, "calls": calls, "median_ms": med,
               "speedup_vs_pytorch_fp32": med["pytorch-fp32"] / med[eng_key],
               "speedup_vs_onnxruntime_fp32": med["onnxruntime-fp32"] / med[eng_key],

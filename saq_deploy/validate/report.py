@@ -61,6 +61,18 @@ def write_report(out: Path, result: dict) -> None:
     if result.get("not_represented"):
         lines += ["What the engine represents differently from the fake-quant model:", ""]
         lines += [f"- {n}" for n in result["not_represented"]] + [""]
+    pl = result.get("placement") or {}
+    if pl.get("modelled_outputs"):
+        cost = pl.get("mean_snr_db_vs_fakequant")
+        lines += [f"The reference rounds the {pl['modelled_outputs']} layer outputs the exported graph quantizes "
+                  "(export-time scales, read from the graph the engine was built from)"
+                  + (f"; those roundings cost {cost:.1f} dB mean SNR vs the plain fake-quant model "
+                     "(deployment error: see the quality figures)" if cost is not None else "") + ".", ""]
+    elif pl.get("note"):
+        lines += [f"Reference: {pl['note']}.", ""]
+    if pl.get("not_modelled"):
+        lines += [(f"{len(pl['not_modelled'])} export-time-quantized tensor(s) are not modelled in the reference "
+                   "(not a layer output): they count as engine error."), ""]
     q = result.get("quality")
     if q:
         lines += [f"## Quality ({q['settings']['n']} samples, DDIM {q['settings']['steps']} steps, CFG 1.5)", "",

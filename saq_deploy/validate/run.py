@@ -1,6 +1,8 @@
 """``validate_engine``: the parity gate, then (only if it passes) quality figures.
 
-1. record (x, t, cond) along the fake-quant model's own DDIM and DPM-Solver++ trajectories;
+1. record (x, t, cond) along the fake-quant model's own DDIM and DPM-Solver++ trajectories; the
+   fake-quant model also rounds the layer outputs the engine's exported graph quantizes and uses
+   its INT32 biases (ONNX Runtime: every fused conv), read from that graph: ``validate/reference.py``;
 2. per call: engine vs fake-quant (cosine, SNR, max-abs) and both vs FP (direction error);
 3. end to end: final samples of engine and fake-quant from the same seeds (PSNR);
 4. compare with the thresholds in the engine manifest; write ``<engine>/parity.json``;
@@ -22,13 +24,11 @@ PARITY_FILE = "parity.json"
 
 
 def check_force(force: bool, backend: str) -> None:
-    """Refuse ``--force`` before the (slow) artifact load when --backend already rules it out."""
-    if force and backend != "tensorrt":
-        raise ConfigError(f"--force applies to TensorRT plans only (--backend tensorrt), not {backend}")
+    """Refuse an unknown backend, and ``--force`` where the backend rules it out, before the (slow)
+    artifact load."""
+    from saq_deploy.backends.registry import get_backend
 
-
-def default_engine_dir(artifact: Path, backend: str) -> Path:
-    return artifact / ("engine" if backend == "onnxruntime" else "engine-tensorrt")
+    get_backend(backend).check_force(force)
 
 
 def _quality(engine_eps, fq, fp_eps, n: int, steps: int, seed: int) -> dict | None:
@@ -37,14 +37,14 @@ def _quality(engine_eps, fq, fp_eps, n: int, steps: int, seed: int) -> dict | No
     from saq_deploy.generate import SampleSettings, generate
 
     loaded = fq.loaded
-    if loaded.sample_shape != (1, 16, 16) or loaded.kind != "class":
+    if getattr(loaded, "image_shape", loaded.sample_shape) != (1, 16, 16) or loaded.kind != "class":
         return None
     settings = SampleSettings(sampler="ddim", steps=steps, spacing="quadratic", cfg=1.5, seed=seed, n=n)
     out = {"settings": settings.to_dict()}
     for name, eps in (("fp32", fp_eps), ("engine", engine_eps)):
         imgs, labels = generate(eps, loaded.schedule(), loaded.sample_shape, settings,
                                 num_classes=loaded.num_classes, null_label=loaded.null_label)
-        out[name] = evaluate_samples(imgs, labels)
+        out[name] = evaluate_samples(loaded.decode(imgs), labels)  # a pipeline's VAE decodes latents
     return out
 
 
@@ -55,12 +55,14 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
     """Run the gate (and quality if it passes); returns the result dict (``passed`` key).
     ``force``: see :func:`saq_deploy.backends.engine.load_engine`."""
     from saq_deploy.backends.engine import load_engine
+    from saq_deploy.backends.registry import default_engine_dir
     from saq_deploy.calibrate.artifact import load_artifact
     from saq_deploy.export.feeds import record_calls
     from saq_deploy.generate import SampleSettings
     from saq_deploy.models.eps_model import TorchEpsModel
     from saq_deploy.utils.io import write_json_atomic
     from saq_deploy.validate import parity as P
+    from saq_deploy.validate.reference import placement_reference
     from saq_deploy.validate.report import write_report
 
     if n < 1 or steps < 1 or quality_n < 0:
@@ -78,11 +80,17 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
     t0 = time.perf_counter()
     fq_eps, en_eps, fp_eps = fq.eps_model(), eng.eps_model(), TorchEpsModel(fq.fp_unet)
     log(f"recording {len(samplers)} x {steps}-step trajectories of {n} samples ...")
-    calls = record_calls(fq_eps, fq.loaded, samplers=samplers, steps=steps, n=n, seed=seed)
-    res = P.ParityResult(steps=P.measure_calls(calls, fq_eps, en_eps, fp_eps))
-    for sampler in samplers:
-        settings = SampleSettings(sampler=sampler, steps=steps, cfg=1.5, seed=seed, n=n)
-        res.psnr[sampler], _, _ = P.final_sample_psnr(fq_eps, en_eps, fq.loaded, settings)
+    # the reference rounds what the engine's graph rounds (validate/reference.py)
+    with placement_reference(fq, artifact, eng.manifest, log) as placement:
+        calls = record_calls(fq_eps, fq.loaded, samplers=samplers, steps=steps, n=n, seed=seed)
+        res = P.ParityResult(steps=P.measure_calls(calls, fq_eps, en_eps, fp_eps))
+        for sampler in samplers:
+            settings = SampleSettings(sampler=sampler, steps=steps, cfg=1.5, seed=seed, n=n)
+            res.psnr[sampler], _, _ = P.final_sample_psnr(fq_eps, en_eps, fq.loaded, settings)
+        ref_out = [fq_eps(c.x, c.t, c.cond) for c in calls] if placement["modelled_outputs"] else []
+    if ref_out:  # what the placement's own roundings cost: reference vs the plain fake-quant model
+        snrs = [P.snr_db(fq_eps(c.x, c.t, c.cond), r) for c, r in zip(calls, ref_out, strict=True)]
+        placement["mean_snr_db_vs_fakequant"] = sum(snrs) / len(snrs)
     summary = res.summary()
     thresholds = eng.manifest["parity"]
     fails = P.check_thresholds(summary, thresholds)
@@ -95,6 +103,7 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
     result = {"artifact": str(artifact), "engine": str(engine_dir), "backend": backend, **gate,
               "method": fq.manifest["method"], "bits": fq.manifest["bits"],
               "not_represented": eng.manifest.get("qdq", {}).get("not_represented", []),
+              "placement": placement,
               "steps_detail": [asdict(s) for s in res.steps]}
     if passed and quality_n > 0:
         log(f"parity passed; sampling {quality_n} digits with FP32 and the engine for quality ...")

@@ -74,14 +74,14 @@ def test_build_engine_killed_mid_build_is_cleaned_by_the_next(art, tmp_path, cap
     # the real build runs in a child; its optimizer step is stretched so the kill lands mid-build
     code = textwrap.dedent(f"""
         import time
-        import saq_deploy.backends.build as B
-        real = B._build_ort
-        def stalled(src, tmp, *a, **k):
-            res = real(src, tmp, *a, **k)
+        from saq_deploy.backends.registry import OnnxRuntimeBackend as B
+        real = B.build
+        def stalled(self, src, tmp, *a, **k):
+            res = real(self, src, tmp, *a, **k)
             open({str(ready)!r}, "w").close()
             time.sleep(600)
             return res
-        B._build_ort = stalled
+        B.build = stalled
         from saq_deploy.cli.app import main
         main(["build-engine", {str(art)!r}, "-o", {str(out)!r}])
     """)

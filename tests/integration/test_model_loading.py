@@ -71,13 +71,18 @@ def test_cross_attention_unet_with_cond_file(tmp_path, capsys):
 
 def test_pipeline_folder_without_model_index(tmp_path, capsys):
     """unet/ + scheduler/ saved part by part (no model_index.json) is a pipeline folder too (issue 12);
-    a vae/ there is not read (not even a broken one)."""
+    a vae/ there decodes the latents, so a broken one is refused in one line, not skipped."""
     unet = tiny_unet2d(num_class_embeds=None).eval()
     root = save_pipeline_folder(tmp_path / "pipe", unet)
     (root / "model_index.json").unlink()
     (root / "vae").mkdir()
     (root / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"vae/config.json' is not a readable JSON config"):
+        load_model(str(root))
+    (root / "vae" / "config.json").unlink()
+    (root / "vae").rmdir()
     m = load_model(str(root))
+    assert m.vae is None
     assert m.unet_dir == root / "unet" and m.kind == "uncond"
     assert m.scheduler_config["num_train_timesteps"] == 1000
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 800.0])

@@ -176,8 +176,9 @@ def test_cpu_image_entrypoint_cmd_and_healthcheck_run_for_real(gated_artifact, t
     assert env["SAQ_ENGINE_CACHE"] == "/cache/engines" and env["SAQ_PORT"] == "8000"
     env.update(SAQ_ENGINE_CACHE=str(cache), SAQ_HOST="127.0.0.1", SAQ_PORT=str(port), PYTHON=sys.executable)
     run_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    # cwd=tree as for the server below: `python -c` puts the working directory first on sys.path
     probe = subprocess.run([sys.executable, "-c", "import saq_deploy; print(saq_deploy.__file__)"], env=run_env,
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, cwd=tree)
     assert Path(probe.stdout.strip()).is_relative_to(tree)  # the image tree's code, not the checkout's
     cmd = [str(tree / a.removeprefix(IMAGE_ROOT + "/")) if a.startswith(IMAGE_ROOT) else a
            for a in exec_form(instructions, "ENTRYPOINT")]

@@ -141,15 +141,15 @@ def test_wrong_backend_and_bad_options(gated_artifact, capsys, tmp_path):
         load_served(gated_artifact, "tensorrt", engine=gated_artifact / "engine")
     short = tmp_path / "key"
     short.write_text("short")
-    for args, fragment in [
-        (["--api-key-file", str(short)], "shorter than 16 characters"),
-        (["--api-key-file", str(tmp_path / "nope")], "does not exist"),
-        (["--max-batch", "0"], "--max-batch must be >= 1"),
-        (["--max-n", "1000"], "--max-n must be in 1..64"),
-        (["--backend", "torch", "--engine", str(gated_artifact / "engine")], "--engine applies to"),
+    for args, fragment, code in [
+        (["--api-key-file", str(short)], "shorter than 16 characters", 1),
+        (["--api-key-file", str(tmp_path / "nope")], "does not exist", 1),
+        (["--max-batch", "0"], "--max-batch must be >= 1", 2),  # a bad option value: usage error
+        (["--max-n", "1000"], "--max-n must be in 1..64", 2),
+        (["--backend", "torch", "--engine", str(gated_artifact / "engine")], "--engine applies to", 1),
     ]:
         rc, err = serve_cli([str(gated_artifact), *args], capsys)
-        assert rc == 1 and fragment in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert rc == code and fragment in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
 def test_torch_backend_serves_the_fake_quant_model(ungated_artifact):

@@ -48,3 +48,35 @@ def test_export_removes_stale_temp_folders(tmp_path, capsys):
     remove_stale_export_temps(tmp_path, "onnxruntime")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnxruntime"]
     assert "removed stale temp folder" in capsys.readouterr().err
+
+
+def test_published_temp_folder_gets_the_mode_of_a_plain_mkdir(tmp_path):
+    import os
+    import tempfile
+
+    from saq_deploy.utils.io import publish_mode
+
+    old = os.umask(0o027)
+    try:
+        tmp = tempfile.mkdtemp(dir=tmp_path)  # 0700 whatever the umask
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        publish_mode(tmp)
+        assert os.stat(tmp).st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
+
+
+def test_check_writable_meets_the_error_before_any_write(tmp_path):
+    import errno
+
+    import pytest
+
+    from saq_deploy.utils.io import check_writable
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError) as e:
+        check_writable(tmp_path / "afile" / "sub" / "g.png")
+    assert e.value.errno == errno.ENOTDIR and e.value.filename == str(tmp_path / "afile")
+    check_writable(tmp_path / "new" / "g.png")  # a missing folder under a writable one is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created

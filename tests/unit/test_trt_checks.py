@@ -245,7 +245,7 @@ def tiny_artifact(tmp_path_factory):
 def test_build_engine_without_tensorrt_leaves_nothing(tiny_artifact, tmp_path, monkeypatch):
     from saq_deploy.backends.build import build_engine
 
-    monkeypatch.chdir(tmp_path)  # the default output is engines/out/ under the working directory
+    monkeypatch.chdir(tmp_path)  # nothing may land under the working directory either
     before = sorted(p.name for p in tiny_artifact.iterdir())
     profile = Path(__file__).resolve().parents[2] / "engines" / "profiles" / "digits.toml"
     with pytest.raises(BackendUnavailableError) as e:

@@ -8,7 +8,6 @@ import pytest
 
 from saq_deploy.backends.trt_profile import (
     BuildProfile,
-    default_output,
     load_profile,
     profile_from_dict,
     resolve_profile,
@@ -132,9 +131,3 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_profile(write(tmp_path, "[batch]\nmin = 4\nopt = 2\n"))
     assert "\n" not in str(e.value)
-
-
-def test_default_output(tmp_path):
-    p = load_profile(PROFILES / "digits.toml")
-    assert default_output(tmp_path / "runs" / "w8a8", p) == Path("engines/out/w8a8-digits")
-    assert default_output("runs/x/", p, root=tmp_path) == tmp_path / "x-digits"
