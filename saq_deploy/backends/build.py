@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saq_deploy.backends.registry import get_backend
-from saq_deploy.errors import ConfigError, ModelLoadError
+from saq_deploy.errors import BadOptionError, ConfigError, ModelLoadError
 
 # Engine vs fake-quant PyTorch on the same inputs along real trajectories. Torch and ORT round
 # differently at x.5 boundaries, and one flipped INT8 code moves a value by a full step, so a deep
@@ -96,7 +96,9 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
     artifact = Path(artifact)
     am = verify_artifact(artifact)  # bits (thresholds) come from the verified manifest
     if max_batch is not None and max_batch < 1:
-        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+        raise BadOptionError(f"--max-batch must be >= 1, got {max_batch}")
+    if profile is not None and not spec.takes_profile:  # was silently ignored
+        raise BadOptionError(f"--profile (a TensorRT build profile) does not apply to --backend {spec.name}")
     ctx = spec.preflight(profile=profile, max_batch=max_batch)  # before any (slow) export
     export_dir = ensure_export(artifact, spec.export_target(am), note, state=am["state_sha256"])
     em = json.loads((export_dir / "manifest.json").read_text())

@@ -193,6 +193,9 @@ CASES: list[Case] = [
     Case("build-engine-output-is-a-user-folder", ("build-engine", "{art}", "-o", "{tmp}/docs"), 1, ("{tmp}/docs",),
          "-o names an existing folder of the user's files (not an engine)", S.user_folder("docs"), ("art",),
          outputs=()),
+    Case("build-engine-profile-without-tensorrt", ("build-engine", "{art}", "-p", "{tmp}/p.toml", "-o", "{tmp}/e"),
+         2, ("--profile", "does not apply to --backend onnxruntime"), "a build profile for the ONNX Runtime backend",
+         S.write("p.toml", "[batch]\nmax = 4\n"), ("art",)),
     Case("build-engine-trt-profile-missing", ("build-engine", "{art}", "-b", "tensorrt", "-p", "{tmp}/none.toml"), 1,
          ("none.toml",), needs=("art",)),
     # --- engines --------------------------------------------------------------------------------
