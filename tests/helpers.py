@@ -77,10 +77,12 @@ def tiny_vae(latent_channels: int = 4, scaling_factor: float = 0.5):
 LDM_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
-def train_briefly(unet, steps: int = 150, *, batch: int = 32, lr: float = 3e-3, seed: int = 0):
+def train_briefly(unet, steps: int = 150, *, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+                  cond_table: torch.Tensor | None = None):
     """Train a tiny UNet2DModel for ``steps`` DDPM steps (LDM_SCHEDULE) on smooth synthetic images
     in [-1, 1] (a cosine wave of random direction, one amplitude per channel): enough for bounded
-    samples (|x| ~ 2 at 150 steps on an 8x8 model, ~17 s on one core), unlike random weights."""
+    samples (|x| ~ 2 at 150 steps on an 8x8 model, ~17 s on one core), unlike random weights.
+    ``cond_table`` (a UNet2DConditionModel): each sample sees a random row as its text states."""
     from diffusers import DDPMScheduler
 
     g = torch.Generator().manual_seed(seed)
@@ -97,7 +99,9 @@ def train_briefly(unet, steps: int = 150, *, batch: int = 32, lr: float = 3e-3, 
         t[: batch * 3 // 10] = torch.randint(850, 1000, (batch * 3 // 10,), generator=g)  # the x0-amplifying end
         noise = torch.randn(x0.shape, generator=g)
         abt = ab[t].view(-1, 1, 1, 1)
-        loss = ((unet(abt.sqrt() * x0 + (1 - abt).sqrt() * noise, t).sample - noise) ** 2).mean()
+        kw = {} if cond_table is None else {
+            "encoder_hidden_states": cond_table[torch.randint(0, len(cond_table), (batch,), generator=g)]}
+        loss = ((unet(abt.sqrt() * x0 + (1 - abt).sqrt() * noise, t, **kw).sample - noise) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -7,6 +7,8 @@ manifest and a short report. Loading it rebuilds the identical fake-quant model.
       manifest.json            method, bits, sampler, steps, seeds, source-model hash, state hash,
                                per-block losses, wall time, layer specs, versions
       report.md                human-readable summary
+      prompts.safetensors      text UNets: the calibration prompts' embedding rows (P [+ 1], L, D),
+                               the negative prompt last (hashed in the manifest's ``prompts``)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ STATE_FILE = "calibrated.safetensors"
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "report.md"
+PROMPTS_FILE = "prompts.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -55,10 +58,23 @@ class CalibratedModel:
     def eps_model(self) -> FakeQuantEpsModel:
         return FakeQuantEpsModel(self.loaded.unet, self.manifest["quant_config"]["act"]["timestep_groups"])
 
+    def prompt_cond(self, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """A text artifact's sampling inputs: its calibration prompts' embeddings cycled over ``n``
+        samples (n, L, D) and the negative prompt's (1, L, D) or None; (None, None) for other kinds."""
+        info = self.manifest.get("prompts")
+        if info is None:
+            return None, None
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / info["file"]), framework="pt") as f:
+            table = f.get_tensor("table")
+        p = int(info["prompts"])
+        return table[torch.arange(n) % p].contiguous(), table[p:p + 1] if info["negative"] else None
+
 
 # Manifest fields that decide behaviour (thresholds, quantizer layout, which model). A copy lives in
 # the state file's header, so ``state_sha256`` covers them and an edited manifest is caught.
-BEHAVIOUR_FIELDS = ("method", "bits", "quant_config", "layer_specs", "model", "recipe_sha256")
+BEHAVIOUR_FIELDS = ("method", "bits", "quant_config", "layer_specs", "model", "recipe_sha256", "prompts")
 BEHAVIOUR_KEY = "behaviour"
 
 
@@ -131,6 +147,11 @@ def verify_artifact(path: str | Path) -> dict:
     if not recipe.exists() or sha256_file(recipe) != manifest.get("recipe_sha256"):
         raise ModelLoadError(f"'{recipe}' is missing or does not match the hash in its manifest; restore it "
                              "or re-run saq-deploy calibrate")
+    prompts = manifest.get("prompts")
+    if prompts is not None and (not (path / PROMPTS_FILE).is_file()
+                                or sha256_file(path / PROMPTS_FILE) != prompts.get("data_sha256")):
+        raise ModelLoadError(f"'{path / PROMPTS_FILE}' is missing or does not match the hash in its manifest; "
+                             "restore it or re-run saq-deploy calibrate")
     return manifest
 
 

@@ -128,6 +128,7 @@ def _stderr(line: str) -> None:
 def compare_methods(recipe: Recipe, out: str | Path, settings: CompareSettings, *, progress: bool = False,
                     note: Callable[[str], None] = _stderr) -> dict:
     """Calibrate every candidate, score it, keep the winner at ``out``; returns the comparison."""
+    from saq_deploy.calibrate.prompts import bind_prompts, load_prompt_table
     from saq_deploy.calibrate.run import calibrate
     from saq_deploy.calibrate.steps import collect_or_open
     from saq_deploy.models.loading import load_model
@@ -137,7 +138,8 @@ def compare_methods(recipe: Recipe, out: str | Path, settings: CompareSettings, 
         raise ConfigError(f"output '{out}' already exists; pass another -o or delete it")
     s = settings.resolved(recipe)
     work = out.parent / f".{out.name}.compare"
-    loaded = load_model(recipe.model.spec)
+    # a text UNet: prompt indices as its cond, scored on the recipe's prompts (calibrate.prompts)
+    loaded = bind_prompts(load_model(recipe.model.spec), load_prompt_table(recipe))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     refs = _fp_references(loaded, recipe, s)
@@ -161,7 +163,7 @@ def compare_methods(recipe: Recipe, out: str | Path, settings: CompareSettings, 
             if not (part / "data").exists():
                 shutil.copytree(shared, part / "data", copy_function=os.link)
             calibrate(r, cand, progress=progress)
-        row = _score(cand, refs, s)
+        row = _score(cand, refs, s, loaded)
         row.update(method=name, calibrate_s=round(time.perf_counter() - started, 1))
         rows.append(row)
         note(f"compare: [{i}/{len(s.methods)}] {name}: distance to FP {row['fp']['mean']:.3g}, "
@@ -217,12 +219,14 @@ def _stats(d: torch.Tensor) -> dict:
     return {"mean": float(d.mean()), "ci95": [lo, hi], "per_sample": [float(v) for v in d]}
 
 
-def _score(cand: Path, refs: dict, s: CompareSettings) -> dict:
+def _score(cand: Path, refs: dict, s: CompareSettings, loaded) -> dict:
     from saq_deploy.calibrate.artifact import load_artifact
+    from saq_deploy.models.eps_model import IndexedCondEpsModel
 
     cm = load_artifact(cand)
     recipe = Recipe.from_dict(json.loads((cand / "recipe.json").read_text()))
-    q = _sample(cm.eps_model(), cm.loaded, _eval_settings(recipe, s, s.eval_sampler))
+    eps = cm.eps_model() if loaded.cond_table is None else IndexedCondEpsModel(cm.eps_model(), loaded.cond_table)
+    q = _sample(eps, loaded, _eval_settings(recipe, s, s.eval_sampler))  # ``loaded``: the same conditioning
     return {"state_sha256": cm.manifest["state_sha256"],
             **{c: _stats(per_sample_mse(q, refs[c])) for c in CRITERIA}}
 

@@ -15,14 +15,15 @@ x_outer      float32 (S)   first-order (outer grid) point x~_{t_{i-1}}
 t_outer      float64       t_{i-1} (discrete scale; the model saw it as float32)
 x_inter      float32 (S)   second-order intermediate point u_i (PLMS, DDIM: = x_outer)
 t_inter      float64       s_i (PLMS, DDIM: = t_outer)
-label        int64         class label, -1 for an unconditional model
+label        int64         class label (a text UNet: prompt index), -1 for an unconditional model
 eps_outer    float32 (S)   FP (CFG-combined) eps at the outer point
 eps_inter    float32 (S)   FP target direction: eps(u_i, s_i) / PLMS eps'_t / eps_outer
 step         int64         outer step index i (0 = first step from x_T)
 sample       int64         index of the sample (row of the seeded x_T)
 ===========  ============  =========================================================================
 
-(S) is the sample shape. Reading streams shard by shard, so memory stays bounded by one shard plus
+(S) is the sample shape. A text UNet's data also hold ``cond_table.safetensors``: the prompt
+embedding rows (P [+ 1], L, D) that ``label`` indexes (hashed in the manifest's ``cond_table``). Reading streams shard by shard, so memory stays bounded by one shard plus
 one batch whatever the data set size.
 """
 
@@ -44,6 +45,7 @@ from saq_deploy.utils.io import sha256_file
 FORMAT = "saq-trajectories"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+COND_TABLE_FILE = "cond_table.safetensors"
 PAIRINGS: tuple[str, ...] = ("outer_to_intermediate", "intermediate_to_outer")
 RECORD_FIELDS: tuple[str, ...] = (
     "x_outer", "t_outer", "x_inter", "t_inter", "label", "eps_outer", "eps_inter", "step", "sample",
@@ -163,6 +165,17 @@ class TrajectoryDataset:
     def conditional(self) -> bool:
         """False for an unconditional model: ``label`` is then -1 and the model takes cond=None."""
         return self.manifest.get("num_classes") is not None
+
+    def cond_table(self) -> Tensor | None:
+        """The prompt embedding rows ``label`` indexes (text UNets), checked against the manifest."""
+        entry = self.manifest.get("cond_table")
+        if entry is None:
+            return None
+        path = self.path / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise SaqError(f"{path} is missing or does not match its manifest hash")
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("table")
 
     def student_fields(self) -> StudentFields:
         """Student (quantized-net) input fields under this data set's pairing."""

@@ -90,9 +90,11 @@ def teacher_pairs(fp_eps_model, schedule, x_T: Tensor, cond: Tensor | None, step
 
 
 def student_eps(unet: nn.Module, x: Tensor, t: float, labels: Tensor | None, null_label: int | None,
-                cfg: float, groups: int, num_train_timesteps: int) -> Tensor:
+                cfg: float, groups: int, num_train_timesteps: int, table: Tensor | None = None) -> Tensor:
     """The quantized UNet's CFG-combined eps at (x, t), with autograd (one batched [uncond; cond]
-    call, the same arithmetic as ClassifierFreeGuidance over FakeQuantEpsModel)."""
+    call, the same arithmetic as ClassifierFreeGuidance over FakeQuantEpsModel). ``table``: a text
+    UNet's prompt embedding rows, which ``labels`` index (calibrate.prompts)."""
+    from saq_deploy.models.eps_model import cond_kwargs
     from saq_deploy.quant.timestep import active_timesteps, timestep_groups
 
     b = x.shape[0]
@@ -101,7 +103,8 @@ def student_eps(unet: nn.Module, x: Tensor, t: float, labels: Tensor | None, nul
     lab = torch.cat([torch.full_like(labels, null_label), labels]) if guided else labels
     tt = torch.full((xin.shape[0],), t, dtype=torch.float32)
     with active_timesteps(timestep_groups(tt, groups, num_train_timesteps)):
-        out = unet(xin, tt, class_labels=lab, return_dict=False)[0]
+        cond = {"class_labels": None} if lab is None else cond_kwargs(lab, table)
+        out = unet(xin, tt, **cond, return_dict=False)[0]
     if not guided:
         return out
     eps_u, eps_c = out[:b], out[b:]
@@ -154,8 +157,9 @@ def _prepare(loaded, recipe: Recipe, ds, qcfg):
     unet = loaded.unet
     quantize_(unet, qcfg)
     if qcfg.act.enabled:
-        records = Records(ds, recipe, loaded.null_label)
-        feeds = Records.feeds(unet, records.student, qcfg.act.timestep_groups, qcfg.num_train_timesteps)
+        records = Records(ds, recipe, loaded.null_label, loaded.cond_table)
+        feeds = Records.feeds(unet, records.student, qcfg.act.timestep_groups, qcfg.num_train_timesteps,
+                              table=records.table)
         init_act_steps(unet, lambda: [f() for f in feeds],
                        method=_act_method(recipe.calibration.method, recipe.quant.act_observer, qcfg.act.bits))
     q = recipe.qlora
@@ -235,7 +239,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
     """Fine-tune ``loaded.unet`` (quantized in place). Returns (unet, quant config, manifest info),
     or None when stopped after ``max_epochs`` new epochs (checkpoint kept for resume)."""
     from saq_deploy.calibrate.trajectory import outer_grid
-    from saq_deploy.models.eps_model import TorchEpsModel
+    from saq_deploy.models.eps_model import IndexedCondEpsModel, TorchEpsModel
     from saq_deploy.models.guidance import ClassifierFreeGuidance
     from saq_deploy.quant.lora import clamp_positive_, merge_lora_
     from saq_deploy.utils.progress import progress as progress_for
@@ -250,6 +254,8 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
         p.requires_grad_(False)
     guided = loaded.num_classes is not None and loaded.null_label is not None and c.cfg != 1.0
     fp_eps = TorchEpsModel(fp_unet)
+    if loaded.cond_table is not None:  # a text UNet: labels are prompt indices (calibrate.prompts)
+        fp_eps = IndexedCondEpsModel(fp_eps, loaded.cond_table)
     fp_eps = ClassifierFreeGuidance(fp_eps, c.cfg, loaded.null_label) if guided else fp_eps
     teacher = teacher_sampler(c.method, q.teacher)
     target = "intermediate" if get_method(c.method).mota else "same_point"
@@ -284,7 +290,8 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
                                       target=target, orientation=c.orientation)
                 for (x, t, tgt), w in zip(pairs, weights[steps], strict=True):
                     with torch.enable_grad():
-                        eps = student_eps(unet, x, t, labels, loaded.null_label, c.cfg, groups, T)
+                        eps = student_eps(unet, x, t, labels, loaded.null_label, c.cfg, groups, T,
+                                          loaded.cond_table)
                         loss, mse, cos = qlora_loss(eps, tgt, q.cos_weight)
                         opt.zero_grad(set_to_none=True)
                         (loss * w).backward()

@@ -21,6 +21,11 @@ Schema (every key optional; defaults below)::
                       epochs = 20, mixstep = [5, 10, 20], cos_weight = 2.0, batch_size = 8,
                       seed = 3407, teacher = "auto",  # auto | dpm-solver-2 | ddim
                       step_weight = "uniform"         # uniform | state (x max(1, DDIM eps gain^2))
+    [prompts]         (cross-attention UNet2DConditionModel only) embeddings_file = "emb.safetensors":
+                      'cond' (P, L, D) prompt embeddings cycled over the samples, 'uncond' (1, L, D)
+                      the negative prompt's (needed when calibration.cfg != 1); or prompts = [...]
+                      and/or prompts_file (one per line), negative_prompt = "" through the
+                      pipeline's own tokenizer + text encoder (the `text` extra: transformers)
 """
 
 from __future__ import annotations
@@ -187,18 +192,41 @@ class QLoRASection:
 
 
 @dataclass(frozen=True)
+class PromptsSection:
+    """Text conditioning for cross-attention UNets (`saq_deploy.calibrate.prompts` reads it)."""
+
+    embeddings_file: str = ""  # safetensors: cond (P, L, D), optional uncond (1, L, D)
+    prompts: tuple[str, ...] = ()  # inline prompts (through the pipeline's text encoder)
+    prompts_file: str = ""  # one prompt per line (same)
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        ps = self.prompts
+        if isinstance(ps, str) or not isinstance(ps, (list, tuple)) or not all(isinstance(p, str) for p in ps):
+            raise ConfigError(f"prompts.prompts must be a list of strings, got {ps!r}")
+        object.__setattr__(self, "prompts", tuple(ps))
+
+    @property
+    def empty(self) -> bool:
+        return self == PromptsSection()
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     quant: QuantSection = field(default_factory=QuantSection)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     reconstruction: ReconstructionSection = field(default_factory=ReconstructionSection)
     qlora: QLoRASection = field(default_factory=QLoRASection)
+    prompts: PromptsSection = field(default_factory=PromptsSection)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         if not get_method(self.calibration.method).fine_tunes:
             # other methods ignore [qlora]: leaving it out keeps their recipe.json and hash as before
             data.pop("qlora")
+        if self.prompts.empty:  # class / unconditional recipes: recipe.json and hash as before
+            data.pop("prompts")
         return data
 
     @classmethod

@@ -30,8 +30,12 @@ from saq_deploy.errors import ConfigError
 from saq_deploy.utils.io import fsync_dir, fsync_tree
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()
+def recipe_hash(recipe: Recipe, prompts=None) -> str:
+    """The run's identity for resume: the recipe, and the content of its prompt embeddings file."""
+    data = recipe.to_dict()
+    if prompts is not None:  # an edited embeddings file under the same path is another run
+        data["prompts_sha256"] = prompts.source_sha256
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
@@ -50,16 +54,17 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
         raise ConfigError(f"output '{out_dir}' already exists; pass another -o or delete it")
     method = get_method(recipe.calibration.method)
     method.check(recipe.quant.bits)  # a missing package or an unsupported bit width, before any work
-    rhash = recipe_hash(recipe)
+    from saq_deploy.calibrate.prompts import bind_prompts, load_prompt_table
+
+    prompts = load_prompt_table(recipe)  # [prompts] checked before the model loads
+    rhash = recipe_hash(recipe, prompts)
     info_path = work / CKPT_INFO
     if info_path.exists() and json.loads(info_path.read_text()).get("recipe_hash") != rhash:
         raise ConfigError(f"an unfinished run with a different recipe is in '{work}'; delete it, or "
                           "re-run with the same recipe to resume")
     t0 = time.perf_counter()
-    loaded = load_model(recipe.model.spec)
-    if loaded.kind not in ("class", "uncond"):  # cross-attention needs prompt-embedding data (not yet)
-        raise ConfigError("calibration currently supports class-conditional or unconditional UNet2DModel "
-                          f"inputs; this model is '{loaded.kind}' (cross-attention)")
+    # a text UNet takes the prompt index as its integer cond (calibrate.prompts); others unchanged
+    loaded = bind_prompts(load_model(recipe.model.spec), prompts)
     work.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed load leaves no .partial
     from saq_deploy.calibrate.steps import collect_or_open, run_pipeline
 
@@ -82,6 +87,11 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     unet, block_losses, qcfg = result
     wall = time.perf_counter() - t0
     manifest = build_manifest(recipe, loaded, ds, qcfg, block_losses, wall)
+    if prompts is not None:
+        from saq_deploy.calibrate.artifact import PROMPTS_FILE
+
+        manifest["prompts"] = {**prompts.info(), "file": PROMPTS_FILE,
+                               "data_sha256": ds.manifest["cond_table"]["sha256"]}
     if method.fine_tunes:
         from saq_deploy.calibrate.qlora import DEPLOYMENT_NOTES
 
@@ -91,6 +101,8 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if prompts is not None:  # the embedding rows the data used, for export and the parity gate
+        shutil.copyfile(ds.path / ds.manifest["cond_table"]["file"], tmp / manifest["prompts"]["file"])
     save_artifact(tmp, unet=unet, manifest=manifest, recipe=recipe.to_dict(),
                   report=render_report(manifest))
     fsync_tree(tmp)

@@ -23,13 +23,21 @@ def collect_or_open(loaded, recipe: Recipe, data_dir: Path, *, progress: bool):
 
     check_block_sizes(loaded.unet, recipe, loaded.schedule().num_train_timesteps)
     if (data_dir / "manifest.json").exists():
-        return TrajectoryDataset(data_dir)
+        ds = TrajectoryDataset(data_dir)
+        stored = ds.cond_table()
+        if (stored is None) != (loaded.cond_table is None) or (
+                stored is not None and not torch.equal(stored, loaded.cond_table)):
+            from saq_deploy.errors import ConfigError
+
+            raise ConfigError(f"the trajectory data in '{data_dir}' were collected with other prompt "
+                              f"embeddings; delete '{data_dir.parent}' to start over")
+        return ds
     c = recipe.calibration
     return collect_trajectories(
         loaded.eps_model(), loaded.schedule(), data_dir, num_samples=c.num_samples, steps=c.steps,
         seed=c.seed, cfg=c.cfg, num_classes=loaded.num_classes, null_label=loaded.null_label,
         sample_shape=loaded.sample_shape, sampler=c.sampler, spacing=c.spacing, pairing=data_pairing(recipe),
-        model_hash=loaded.source_hash, progress=progress)
+        model_hash=loaded.source_hash, progress=progress, cond_table=loaded.cond_table)
 
 
 def data_pairing(recipe: Recipe) -> str:
@@ -63,9 +71,11 @@ def check_block_sizes(unet, recipe: Recipe, num_train_timesteps: int) -> None:
 
 
 class Records:
-    """Student and target UNet inputs (CFG: each record twice, with its label and the null label)."""
+    """Student and target UNet inputs (CFG: each record twice, with its label and the null label).
+    A text UNet's labels are prompt indices into ``table`` (calibrate.prompts); pass it to feeds."""
 
-    def __init__(self, ds, recipe: Recipe, null_label: int | None):
+    def __init__(self, ds, recipe: Recipe, null_label: int | None, table: torch.Tensor | None = None):
+        self.table = table
         sf, tf = ds.student_fields(), ds.target_fields()
         s, t = ds.load_fields(sf), ds.load_fields(tf)
         same_point = not get_method(recipe.calibration.method).mota  # brecq: FP target at the student point
@@ -85,16 +95,18 @@ class Records:
         self.target = (xt, tt, labels)
 
     @staticmethod
-    def feeds(unet, point, groups: int, T: int, batch: int = 128) -> list[Callable[[], object]]:
+    def feeds(unet, point, groups: int, T: int, batch: int = 128,
+              table: torch.Tensor | None = None) -> list[Callable[[], object]]:
+        from saq_deploy.models.eps_model import cond_kwargs
         from saq_deploy.quant.timestep import active_timesteps, timestep_groups
 
         x, t, labels = point
 
         def make(sl):
             def run():
+                cond = {"class_labels": None} if labels is None else cond_kwargs(labels[sl], table)
                 with active_timesteps(timestep_groups(t[sl], groups, T)):
-                    return unet(x[sl], t[sl], class_labels=None if labels is None else labels[sl],
-                                return_dict=False)
+                    return unet(x[sl], t[sl], **cond, return_dict=False)
             return run
 
         return [make(slice(i, i + batch)) for i in range(0, len(x), batch)]
@@ -128,7 +140,7 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
     qcfg = quant_config_for(recipe, T)
     groups = qcfg.act.timestep_groups
     fp_unet = copy.deepcopy(loaded.unet).eval()
-    records = Records(ds, recipe, loaded.null_label)
+    records = Records(ds, recipe, loaded.null_label, loaded.cond_table)
     ckpt = _read_ckpt(work, rhash)
     if ckpt is not None:
         unet = _restore(fp_unet, qcfg, work, ckpt["layer_specs"])
@@ -139,9 +151,10 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
         if method.runner == "modelopt":  # ModelOpt's amaxes, no reconstruction
             from saq_deploy.calibrate.modelopt_baseline import apply_modelopt_int8
 
-            apply_modelopt_int8(unet, qcfg, lambda m: [f() for f in Records.feeds(m, records.student, groups, T)])
+            apply_modelopt_int8(unet, qcfg, lambda m: [
+                f() for f in Records.feeds(m, records.student, groups, T, table=records.table)])
         elif qcfg.act.enabled:
-            feeds = Records.feeds(unet, records.student, groups, T)
+            feeds = Records.feeds(unet, records.student, groups, T, table=records.table)
             init_act_steps(unet, lambda: [f() for f in feeds],
                            method=_act_method(recipe.calibration.method, recipe.quant.act_observer, qcfg.act.bits))
         done, losses = 0, []
@@ -167,7 +180,8 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
                              round_weight=r.round_weight, beta_start=r.beta_start, beta_end=r.beta_end,
                              warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=groups,
                              num_train_timesteps=T)
-    one = Records.feeds(unet, tuple(v[:2] if v is not None else None for v in records.student), groups, T)[0]
+    one = Records.feeds(unet, tuple(v[:2] if v is not None else None for v in records.student), groups, T,
+                        table=records.table)[0]
     # stand-alone layers (conv_in, time-embedding MLP, conv_out) keep their nearest rounding and
     # observer scales: their input is the timestep or the image itself, and the authors' PTQ code
     # skips the first and last layers too
@@ -180,8 +194,10 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
             if max_blocks is not None and new_blocks >= max_blocks:
                 return False
             name, block = blocks[bi]
-            inputs = capture(block, Records.feeds(unet, records.student, groups, T), what="input")
-            targets = capture(fp_modules[name], Records.feeds(fp_unet, records.target, groups, T), what="output")
+            inputs = capture(block, Records.feeds(unet, records.student, groups, T, table=records.table),
+                             what="input")
+            targets = capture(fp_modules[name], Records.feeds(fp_unet, records.target, groups, T, table=records.table),
+                              what="output")
             task.update(description=f"reconstruct {name}")
             res = reconstruct_block(
                 block, inputs, targets, records.student[1], settings, seed=recipe.calibration.seed * 100_003 + bi,

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from saq_deploy.calibrate.dataset import (
+    COND_TABLE_FILE,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -201,6 +202,7 @@ def collect_trajectories(
     model_hash: str = "",
     progress: bool = False,
     overwrite: bool = False,
+    cond_table: Tensor | None = None,
 ) -> TrajectoryDataset:
     """Run the FP ``sampler`` from ``num_samples`` seeded x_T and write one record per sample per
     outer step to ``out_dir`` (``num_samples * steps`` records); return the opened data set.
@@ -209,7 +211,9 @@ def collect_trajectories(
     the data); labels cycle through the classes. Guidance wraps ``eps_model`` in
     :class:`ClassifierFreeGuidance` when the model is class-conditional and ``cfg != 1``; recorded
     eps values are then the combined eps_u + cfg (eps_c - eps_u). An existing non-empty
-    ``out_dir`` is replaced only with ``overwrite=True``.
+    ``out_dir`` is replaced only with ``overwrite=True``. ``cond_table`` (a text UNet, whose
+    ``eps_model`` takes prompt indices as its cond; ``num_classes`` = prompts) is stored with the
+    shards so the ``label`` column's prompt indices stay resolvable.
     """
     _validate(sampler, pairing, num_samples, batch_size, shard_size, cfg)
     grid = outer_grid(sampler, steps, schedule, spacing)
@@ -246,12 +250,23 @@ def collect_trajectories(
 
                 run(model, x_T[start:stop].clone(), schedule, grid, cond=cond, callback=on_step)
         shards = writer.close()
+        table_entry = None
+        if cond_table is not None:
+            from safetensors.torch import save_file
+
+            from saq_deploy.utils.io import sha256_file
+
+            save_file({"table": cond_table.contiguous()}, str(tmp / COND_TABLE_FILE))
+            table_entry = {"file": COND_TABLE_FILE, "rows": int(cond_table.shape[0]),
+                           "sha256": sha256_file(tmp / COND_TABLE_FILE)}
         manifest = _manifest(
             sampler=sampler, pairing=pairing, steps=steps, spacing=spacing, grid=grid, schedule=schedule,
             seed=seed, num_samples=num_samples, cfg=cfg, guided=model is not eps_model,
             num_classes=num_classes, null_label=null_label, model_hash=model_hash, sample_shape=shape,
             batch_size=batch_size, shard_size=shard_size, shards=shards,
         )
+        if table_entry is not None:
+            manifest["cond_table"] = table_entry
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the data set should be readable like any folder
         _install(tmp, out)

@@ -28,6 +28,7 @@ MANIFEST_FILE = "manifest.json"
 # QDQPropagationTransformer copies Q nodes across Reshape with a mismatched zero-point type on
 # opset-21 graphs (ORT 1.31: "output_dtype INT8 does not match y_zero_point type UINT8").
 ORT_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+COND_INPUTS = {"class": "class_labels", "text": "encoder_hidden_states"}  # graph input per model kind
 
 
 def model_meta(loaded, manifest: dict | None = None) -> dict:
@@ -126,14 +127,16 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
         raise ConfigError(f"unknown export target(s) {bad}; choose from {', '.join(TARGETS)}")
     artifact = Path(artifact)
     q = load_artifact(artifact)
-    if q.loaded.kind == "text":
-        raise ConfigError("export from artifacts supports class-conditional and unconditional UNets")
+    cond, null = q.prompt_cond(n_calib)  # a text UNet: its calibration prompts and negative prompt
+    if q.loaded.kind == "text" and cond is None:
+        raise ConfigError(f"'{artifact}' is a cross-attention UNet calibrated without stored prompt embeddings; "
+                          "re-run saq-deploy calibrate")
     if "tensorrt" in targets and has_4bit_activations(q.manifest):
         raise ConfigError("W4A4 has 4-bit activations, which TensorRT cannot run (its INT4 is weight-only): "
                           "export with --target onnxruntime-cpu")
     plan = build_plan(q.loaded.unet)
-    calls = record_calls(q.eps_model(), q.loaded, steps=steps, n=n_calib, seed=seed)
-    cond_name = "class_labels" if q.loaded.kind == "class" else None
+    calls = record_calls(q.eps_model(), q.loaded, steps=steps, n=n_calib, seed=seed, cond=cond, null_cond=null)
+    cond_name = COND_INPUTS.get(q.loaded.kind)
     feeds = [c.feed(cond_name) for c in calls]
     root = artifact / EXPORT_DIR
     root.mkdir(exist_ok=True)
@@ -141,7 +144,8 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
     with tempfile.TemporaryDirectory(dir=root, prefix=owned_temp_prefix(".fp-")) as tmp:
         fp_path = Path(tmp) / "fp32.onnx"
         try:
-            specs = export_unet_onnx(q.fp_unet, q.loaded.kind, q.loaded.sample_shape, fp_path)
+            specs = export_unet_onnx(q.fp_unet, q.loaded.kind, q.loaded.sample_shape, fp_path,
+                                     cond_shape=None if cond is None else tuple(cond.shape[1:]))
         except OSError as e:  # torch's failed write (disk full) names no file: name the export folder
             raise name_intended(e, tmp, root) from None
         fp_model = onnx.load(str(fp_path))

@@ -45,19 +45,22 @@ class RecordingEpsModel:
 
 
 def record_calls(eps_model, model_info, *, samplers: tuple[str, ...] = ("ddim", "dpmpp-2m"), steps: int = 10,
-                 n: int = 8, cfg: float = 1.5, seed: int = 0, cond: torch.Tensor | None = None) -> list[Call]:
+                 n: int = 8, cfg: float = 1.5, seed: int = 0, cond: torch.Tensor | None = None,
+                 null_cond: torch.Tensor | None = None) -> list[Call]:
     """Run each sampler for ``n`` seeded samples and return every UNet call's inputs.
 
     ``model_info``: anything with ``schedule()``, ``sample_shape``, ``num_classes``, ``null_label``
-    (a LoadedModel or an engine)."""
+    (a LoadedModel or an engine). A text UNet: ``cond`` (n, L, D) and, for guidance, ``null_cond``
+    (1, L, D) the negative prompt's embedding (``CalibratedModel.prompt_cond``)."""
     from saq_deploy.generate import SampleSettings, generate
 
     calls: list[Call] = []
     for sampler in samplers:
         rec = RecordingEpsModel(eps_model, sampler)
-        settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg if model_info.null_label is not None else 1.0,
+        null = model_info.null_label if null_cond is None else null_cond
+        settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg if null is not None else 1.0,
                                   seed=seed, n=n, batch_size=n)
         generate(rec, model_info.schedule(), model_info.sample_shape, settings,
-                 num_classes=model_info.num_classes, null_label=model_info.null_label, cond=cond)
+                 num_classes=model_info.num_classes, null_label=null, cond=cond)
         calls.extend(rec.calls)
     return calls

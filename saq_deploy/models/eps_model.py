@@ -43,3 +43,23 @@ class TorchEpsModel:
             labels = None if cond is None else cond.to(device=param.device, dtype=torch.long)
             out = self.unet(xin, t, class_labels=labels, return_dict=False)[0]
         return out.to(dtype=x.dtype, device=x.device)
+
+
+def cond_kwargs(cond: Tensor | None, table: Tensor | None = None) -> dict:
+    """Keyword inputs of a direct UNet call for an integer ``cond``: class labels, or (``table``: a
+    cross-attention UNet's embedding rows, e.g. calibration's prompts) ``encoder_hidden_states``."""
+    if table is None:
+        return {"class_labels": cond}
+    return {"encoder_hidden_states": table[cond.long()]}
+
+
+class IndexedCondEpsModel:
+    """EpsModel taking integer cond indices into a table of encoder hidden states (P [+1], L, D):
+    calibration keeps prompt indices in its records and CFG's null as one more row."""
+
+    def __init__(self, inner: EpsModel, table: Tensor) -> None:
+        self.inner = inner
+        self.table = table
+
+    def __call__(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None, /) -> Tensor:
+        return self.inner(x, timestep, None if cond is None else self.table[cond.long()])

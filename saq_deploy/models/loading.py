@@ -39,6 +39,9 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)
     vae: Any = None  # diffusers AutoencoderKL of a pipeline folder's vae/, or None
     vae_dir: Path | None = None
+    # a text UNet under calibration: prompt embedding rows (P [+1], L, D) that the integer cond
+    # (num_classes = P prompts, null_label = the negative prompt's row) indexes (calibrate.prompts)
+    cond_table: Any = None
 
     def decode(self, latents):
         """Images from the UNet's samples: VAE-decoded for a pipeline with ``vae/``, else as sampled."""
@@ -71,9 +74,10 @@ class LoadedModel:
         return (self.unet.config.in_channels, h, w)
 
     def eps_model(self):
-        from saq_deploy.models.eps_model import TorchEpsModel
+        from saq_deploy.models.eps_model import IndexedCondEpsModel, TorchEpsModel
 
-        return TorchEpsModel(self.unet)
+        model = TorchEpsModel(self.unet)
+        return model if self.cond_table is None else IndexedCondEpsModel(model, self.cond_table)
 
     def schedule(self):
         from saq_deploy.schedules.vp import VPSchedule

@@ -89,11 +89,14 @@ def measure_calls(calls, fq_eps, engine_eps, fp_eps) -> list[StepRecord]:
     return out
 
 
-def final_sample_psnr(fq_eps, engine_eps, model_info, settings) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Sample with both models from the same seeds; PSNR of engine vs fake-quant samples."""
+def final_sample_psnr(fq_eps, engine_eps, model_info, settings, *, cond: torch.Tensor | None = None,
+                      null_cond: torch.Tensor | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Sample with both models from the same seeds; PSNR of engine vs fake-quant samples. A text
+    UNet: ``cond`` (n, L, D) prompt embeddings, ``null_cond`` (1, L, D) the negative prompt's."""
     from saq_deploy.generate import generate
 
-    kw = {"num_classes": model_info.num_classes, "null_label": model_info.null_label}
+    kw = {"num_classes": model_info.num_classes, "cond": cond,
+          "null_label": model_info.null_label if null_cond is None else null_cond}
     a, _ = generate(fq_eps, model_info.schedule(), model_info.sample_shape, settings, **kw)
     b, _ = generate(engine_eps, model_info.schedule(), model_info.sample_shape, settings, **kw)
     return psnr_db(a, b), a, b

@@ -81,12 +81,16 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
     fq_eps, en_eps, fp_eps = fq.eps_model(), eng.eps_model(), TorchEpsModel(fq.fp_unet)
     log(f"recording {len(samplers)} x {steps}-step trajectories of {n} samples ...")
     # the reference rounds what the engine's graph rounds (validate/reference.py)
+    cond, null = fq.prompt_cond(n)  # a text UNet: its calibration prompts, CFG on the negative prompt
+    cfg = 1.0 if cond is not None and null is None else 1.5
     with placement_reference(fq, artifact, eng.manifest, log) as placement:
-        calls = record_calls(fq_eps, fq.loaded, samplers=samplers, steps=steps, n=n, seed=seed)
+        calls = record_calls(fq_eps, fq.loaded, samplers=samplers, steps=steps, n=n, seed=seed, cfg=cfg,
+                             cond=cond, null_cond=null)
         res = P.ParityResult(steps=P.measure_calls(calls, fq_eps, en_eps, fp_eps))
         for sampler in samplers:
-            settings = SampleSettings(sampler=sampler, steps=steps, cfg=1.5, seed=seed, n=n)
-            res.psnr[sampler], _, _ = P.final_sample_psnr(fq_eps, en_eps, fq.loaded, settings)
+            settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg, seed=seed, n=n)
+            res.psnr[sampler], _, _ = P.final_sample_psnr(fq_eps, en_eps, fq.loaded, settings, cond=cond,
+                                                          null_cond=null)
         ref_out = [fq_eps(c.x, c.t, c.cond) for c in calls] if placement["modelled_outputs"] else []
     if ref_out:  # what the placement's own roundings cost: reference vs the plain fake-quant model
         snrs = [P.snr_db(fq_eps(c.x, c.t, c.cond), r) for c, r in zip(calls, ref_out, strict=True)]

@@ -1,0 +1,113 @@
+"""Calibration prompts through the pipeline's own tokenizer + text encoder (a tiny CLIP the test
+builds: 54-token character vocabulary, 8-token maximum, width 12 = the UNet's cross_attention_dim).
+
+Oracle: transformers' CLIPTokenizer / CLIPTextModel called directly, as diffusers' pipelines call
+them (pad to max length, truncate, last hidden state), for the stored embedding rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saq_deploy.calibrate.artifact import load_artifact
+from saq_deploy.calibrate.recipe import Recipe
+from saq_deploy.calibrate.run import calibrate
+from saq_deploy.cli.app import main
+from tests.helpers import LDM_SCHEDULE, tiny_unet_cond
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+TINY = {"calibration.num_samples": 3, "calibration.steps": 2, "calibration.method": "minmax"}
+MAX_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("sd") / "pipe"
+    src = root.parent / "vocab"
+    src.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"),
+                  model_max_length=MAX_LEN).save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)).save_pretrained(root / "text_encoder")
+    tiny_unet_cond().save_pretrained(root / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, **LDM_SCHEDULE).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def _encode(root, texts):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    ids = tok(texts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return CLIPTextModel.from_pretrained(root / "text_encoder")(ids).last_hidden_state
+
+
+def test_prompts_are_encoded_by_the_pipelines_text_encoder(pipeline, tmp_path, capsys):
+    pfile = tmp_path / "prompts.txt"
+    pfile.write_text("thin three\n\nabcdefghijk\n")  # a blank line is skipped; 11 letters > 8 tokens
+    r = Recipe().with_overrides({**TINY, "model.spec": str(pipeline), "prompts.prompts": ["a bold seven"],
+                                 "prompts.prompts_file": str(pfile), "prompts.negative_prompt": "blurry"})
+    out = calibrate(r, tmp_path / "art")
+    err = capsys.readouterr().err
+    assert "prompt 3 is 13 tokens, longer than the tokenizer's maximum 8: truncated" in err, err
+    m = load_artifact(out).manifest["prompts"]
+    assert m["prompts"] == 3 and m["negative"] and (m["length"], m["width"]) == (MAX_LEN, 12)
+    from safetensors.torch import load_file
+
+    table = load_file(str(out / m["file"]))["table"]
+    want = _encode(pipeline, ["a bold seven", "thin three", "abcdefghijk", "blurry"])
+    assert torch.allclose(table, want, atol=1e-6)
+    assert not torch.allclose(table[0], table[1], atol=1e-3)  # different prompts, different rows
+
+
+def test_default_negative_prompt_is_the_empty_prompt(pipeline, tmp_path):
+    r = Recipe().with_overrides({**TINY, "model.spec": str(pipeline), "prompts.prompts": ["thin three"]})
+    from saq_deploy.calibrate.prompts import load_prompt_table
+
+    t = load_prompt_table(r)
+    assert t.count == 1 and t.null_index == 1
+    assert torch.allclose(t.table, _encode(pipeline, ["thin three", ""]), atol=1e-6)
+    assert calibrate(r, tmp_path / "a").is_dir()
+
+
+def _one_line_error(tmp_path, capsys, recipe_text: str) -> str:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--recipe", str(recipe), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1, err
+    assert not list(tmp_path.glob("*out*"))
+    return err[0]
+
+
+def test_empty_prompts_file_and_missing_text_encoder_are_one_line(pipeline, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    err = _one_line_error(tmp_path, capsys, f'[model]\nspec = "{pipeline}"\n[prompts]\nprompts_file = "{empty}"\n')
+    assert "holds no prompts" in err, err
+    err = _one_line_error(tmp_path, capsys, f'[model]\nspec = "{pipeline / "unet"}/../../nowhere"\n'
+                                            '[prompts]\nprompts = ["a"]\n')
+    assert "does not exist" in err, err
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(pipeline, bare, ignore=shutil.ignore_patterns("text_encoder"))
+    err = _one_line_error(tmp_path, capsys, f'[model]\nspec = "{bare}"\n[prompts]\nprompts = ["a"]\n')
+    assert "no text_encoder/" in err and "embeddings_file" in err, err
