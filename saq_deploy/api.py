@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from saq_deploy.errors import ConfigError, ModelLoadError
+from saq_deploy.errors import ConfigError
 from saq_deploy.generate import SampleSettings, class_labels, generate, validate_settings
-
-
-def _load_cond_file(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise ModelLoadError(f"--cond-file '{path}' does not exist")
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"--cond-file '{path}' is not a valid safetensors file ({e})") from e
-    if "cond" not in tensors:
-        raise ConfigError(f"--cond-file '{path}' has no 'cond' tensor (keys: {', '.join(tensors) or 'none'})")
-    cond = tensors["cond"].float()
-    if cond.ndim != 3 or cond.shape[0] not in (1, n):
-        raise ConfigError(f"'cond' must have shape (1 or {n}, L, D), got {tuple(cond.shape)}")
-    cond = cond.expand(n, -1, -1).contiguous()
-    uncond = tensors.get("uncond")
-    return cond, None if uncond is None else uncond.float()[:1]
 
 
 def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | None = None, force: bool = False):
     """(LoadedModel-like, eps model, artifact info): the FP model, the fake-quant model of a
     calibrated artifact (which names its own source model), or a built engine."""
+    return _load(model_spec, artifact, engine, force)[:3]
+
+
+def _load(model_spec: str, artifact: Path | None, engine: Path | None, force: bool):
+    """load_for_sampling's three, and the CalibratedModel (its stored prompts) or None."""
     from saq_deploy.models.loading import load_model
 
     if engine is not None:
@@ -42,16 +29,16 @@ def load_for_sampling(model_spec: str, artifact: Path | None, engine: Path | Non
         src = eng.manifest["source"]
         info = {"engine": str(engine), "backend": eng.backend, "state_sha256": src["state_sha256"],
                 "method": src["method"], "bits": src["bits"]}
-        return eng, eng.eps_model(), info
+        return eng, eng.eps_model(), info, None
     if artifact is None:
         loaded = load_model(model_spec)
-        return loaded, loaded.eps_model(), None
+        return loaded, loaded.eps_model(), None, None
     from saq_deploy.calibrate.artifact import load_artifact
 
     q = load_artifact(artifact)
     info = {"path": str(artifact), "state_sha256": q.manifest["state_sha256"],
             "method": q.manifest["method"], "bits": q.manifest["bits"]}
-    return q.loaded, q.eps_model(), info
+    return q.loaded, q.eps_model(), info, q
 
 
 def verify_artifact(artifact: Path) -> dict:
@@ -64,9 +51,13 @@ def verify_artifact(artifact: Path) -> dict:
 
 def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
                    cond_file: Path | None = None, artifact: Path | None = None, engine: Path | None = None,
+                   prompts: list[str] | None = None, negative_prompt: str | None = None,
                    progress: bool = False, force: bool = False) -> Path:
-    """Sample ``settings.n`` images from a model (or a calibrated artifact's fake-quant model),
-    write a grid PNG and ``<output>.json`` manifest."""
+    """Sample ``settings.n`` images from a model (or a calibrated artifact's fake-quant model, or an
+    engine), write a grid PNG and ``<output>.json`` manifest. Text-to-image UNets take ``prompts``
+    (through the pipeline's text encoder), ``cond_file`` embeddings, or their stored/default prompts
+    (``prompt_inputs``)."""
+    from saq_deploy.prompt_inputs import prompt_inputs
     from saq_deploy.utils.images import save_grid
     from saq_deploy.utils.io import check_writable, write_json_atomic
     from saq_deploy.utils.progress import progress as progress_for
@@ -83,14 +74,16 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
             raise ConfigError(f"cannot write {path}: it is an existing folder; choose another --output")
     check_writable(output)  # a folder we cannot write fails now, not after minutes of sampling
     torch.manual_seed(settings.seed)
-    loaded, eps_model, art = load_for_sampling(model_spec, artifact, engine, force=force)
+    loaded, eps_model, art, calibrated = _load(model_spec, artifact, engine, force)
     if loaded.num_classes and settings.label is not None:
         class_labels(1, loaded.num_classes, settings.label)  # a bad --label fails before sampling starts
-    cond, null = None, loaded.null_label
-    if loaded.kind == "text":
-        if cond_file is None:
-            raise ConfigError("this UNet uses cross-attention: pass --cond-file with prompt embeddings")
-        cond, null = _load_cond_file(Path(cond_file), settings.n)
+    if loaded.kind == "text" and settings.label is not None:
+        raise ConfigError("--label applies to class-conditional models; this one takes --prompt")
+    inputs = prompt_inputs(loaded, settings.n, prompts=prompts, negative_prompt=negative_prompt,
+                           cond_file=cond_file, calibrated=calibrated)
+    for w in inputs.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    cond, null = inputs.cond, inputs.null
     t0 = time.perf_counter()
     with progress_for(progress, "sample", transient=True) as bar:
         task = bar.task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
@@ -103,7 +96,7 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
     vae_dir, decode = decoder_for(loaded)
     if decode is not None:
         images = decode(images)
-    nrow = loaded.num_classes if (settings.label is None and loaded.num_classes) else None
+    nrow = loaded.num_classes if (settings.label is None and loaded.num_classes) else inputs.columns
     note = save_grid(images, output, nrow=nrow)
     write_json_atomic(output.with_suffix(".json"), {
         "artifact": "sample-grid",
@@ -115,6 +108,8 @@ def sample_to_file(model_spec: str, settings: SampleSettings, output: Path, *,
         "decoded_by_vae": None if vae_dir is None else str(vae_dir),
         "grid_note": note,
         "labels": None if labels is None else labels.tolist(),
+        "prompts": inputs.prompts, "negative_prompt": negative_prompt if inputs.prompts else None,
+        "conditioning": inputs.source,
         "wall_time_s": round(wall, 3),
         "versions": package_versions(),
     })
@@ -152,24 +147,60 @@ def evaluate_model(model_spec: str, settings: SampleSettings, *, artifact: Path 
                    progress: bool = False) -> dict:
     """Sample ``settings.n`` digits and compute digit-FID, IS, precision/recall and accuracy.
 
-    Digit metrics need 1x16x16 samples in [-1, 1] (builtin:digits or a model like it); for other
-    models use ``saq_deploy.eval.fid`` with your own feature extractor."""
-    from saq_deploy.eval.metrics import evaluate_samples
+    Digit metrics need 1x16x16 samples in [-1, 1]: builtin:digits (accuracy = the classifier agrees
+    with the class asked for) or builtin:digits-text (balanced prompts "a bold seven", "a thin 3":
+    prompt_accuracy = the digit named, attribute_accuracy = the stroke weight named, measured on the
+    image by the rule that labelled the training data). For other models use ``saq_deploy.eval.fid``
+    with your own feature extractor."""
     from saq_deploy.utils.progress import progress as progress_for
 
     validate_settings(settings)
     loaded, eps_model, art = load_for_sampling(model_spec, artifact)
-    if loaded.image_shape != (1, 16, 16) or loaded.kind != "class":
-        raise ConfigError("digit metrics need a class-conditional model with 1x16x16 images "
-                          f"(this one: {loaded.kind}, {loaded.image_shape}); use saq_deploy.eval.fid "
+    thresholds = loaded.meta.get("ink_thresholds") if loaded.kind == "text" else None
+    if loaded.image_shape != (1, 16, 16) or (loaded.kind != "class" and thresholds is None):
+        raise ConfigError("digit metrics need builtin:digits, builtin:digits-text or a model like them with 1x16x16 "
+                          f"images (this one: {loaded.kind}, {loaded.image_shape}); use saq_deploy.eval.fid "
                           "with a feature extractor for your data")
+    cond = null = prompts = attrs = None
+    if thresholds is not None:
+        from saq_deploy.models.text_encoder import TextEncoder, pipeline_root
+        from saq_deploy.prompt_inputs import source_spec
+        from saq_deploy.reference.text_data import eval_prompts
+
+        prompts, index, digits, attrs = eval_prompts(settings.n)
+        table = TextEncoder(pipeline_root(source_spec(loaded))).table(prompts, "")
+        cond, null = table[index], table[len(prompts):]
+    # under torchrun each rank samples whole batches of the one-process run (docs/design/distributed.md §3)
+    from dataclasses import replace
+
+    from saq_deploy.eval.sharded import evaluate_sharded, gather_rows, sample_rows
+    from saq_deploy.generate import initial_noise
+
+    rows = sample_rows(settings.n, settings.batch_size)
+    sl = slice(rows.start, rows.stop)
+    labels = None if cond is not None else class_labels(settings.n, loaded.num_classes, settings.label)
+    x_T = initial_noise(tuple(loaded.sample_shape), settings.n, settings.seed)[sl]
     t0 = time.perf_counter()
+    images = x_T[:0]
     with progress_for(progress, "evaluate", transient=True) as bar:
-        task = bar.task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=settings.n)
-        images, labels = generate(eps_model, loaded.schedule(), loaded.sample_shape, settings,
-                                  num_classes=loaded.num_classes, null_label=loaded.null_label,
-                                  on_batch=lambda done: task.update(completed=done))
+        task = bar.task(f"sampling ({settings.sampler}, {settings.steps} steps)", total=len(rows))
+        if len(rows):
+            images, _ = generate(eps_model, loaded.schedule(), loaded.sample_shape, replace(settings, n=len(rows)),
+                                 num_classes=loaded.num_classes,
+                                 null_label=loaded.null_label if cond is None else null,
+                                 cond=(labels if cond is None else cond)[sl], x_T=x_T,
+                                 on_batch=lambda done: task.update(completed=done))
     sample_s = time.perf_counter() - t0
-    metrics = evaluate_samples(loaded.decode(images), labels)  # a pipeline's VAE decodes latents first
-    return {"model": loaded.name, "model_hash": loaded.source_hash, "calibrated_artifact": art, "settings": settings.to_dict(),
-            "metrics": metrics, "sampling_wall_time_s": round(sample_s, 2)}
+    images = loaded.decode(images) if len(rows) else images  # a pipeline's VAE decodes latents first
+    if thresholds is None:
+        metrics = evaluate_sharded(images, labels[sl])
+    else:
+        from saq_deploy.reference.text_data import attribute_of
+
+        metrics = evaluate_sharded(images, digits[sl])
+        metrics["prompt_accuracy"] = metrics.pop("accuracy")
+        hits = gather_rows((attribute_of(images, digits[sl], thresholds) == attrs[sl]).float())
+        metrics["attribute_accuracy"] = float(hits.mean())
+    return {"model": loaded.name, "model_hash": loaded.source_hash, "calibrated_artifact": art,
+            "settings": settings.to_dict(), "prompts": prompts, "metrics": metrics,
+            "sampling_wall_time_s": round(sample_s, 2)}

@@ -29,6 +29,46 @@ def tiny_unet_cond():
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
+TEXT_MAX_LEN = 8  # tokens of tiny_text_pipeline's tokenizer
+
+
+def tiny_text_pipeline(root: Path, *, schedule: dict | None = None) -> Path:
+    """An SD-1.x-layout pipeline folder (unet/ = tiny_unet_cond, text_encoder/ a 1-layer CLIP of width
+    12, tokenizer/ a character-level CLIP BPE with TEXT_MAX_LEN tokens, scheduler/), random weights."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    src = root.parent / f"{root.name}-vocab"
+    src.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"),
+                  model_max_length=TEXT_MAX_LEN).save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=TEXT_MAX_LEN, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)).save_pretrained(root / "text_encoder")
+    tiny_unet_cond().save_pretrained(root / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, **(schedule or {})).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def encode_text(root: Path, texts: list[str]):
+    """Oracle: transformers' CLIP tokenizer + text encoder called directly, as diffusers' SD pipelines
+    call them (pad to max length, truncate, last hidden state)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        return CLIPTextModel.from_pretrained(root / "text_encoder")(ids).last_hidden_state
+
+
 def save_scheduler(folder: Path) -> None:
     from diffusers import DDPMScheduler
 
@@ -82,8 +122,11 @@ def train_briefly(unet, steps: int = 150, *, batch: int = 32, lr: float = 3e-3, 
     """Train a tiny UNet2DModel for ``steps`` DDPM steps (LDM_SCHEDULE) on smooth synthetic images
     in [-1, 1] (a cosine wave of random direction, one amplitude per channel): enough for bounded
     samples (|x| ~ 2 at 150 steps on an 8x8 model, ~17 s on one core), unlike random weights.
-    ``cond_table`` (a UNet2DConditionModel): each sample sees a random row as its text states."""
+    ``cond_table`` (a UNet2DConditionModel): each sample sees a random row as its text states
+    (an SDXL-class UNet: packed rows, ``models.eps_model.AddedCond``)."""
     from diffusers import DDPMScheduler
+
+    from saq_deploy.models.eps_model import AddedCond, text_kwargs
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -99,8 +142,8 @@ def train_briefly(unet, steps: int = 150, *, batch: int = 32, lr: float = 3e-3, 
         t[: batch * 3 // 10] = torch.randint(850, 1000, (batch * 3 // 10,), generator=g)  # the x0-amplifying end
         noise = torch.randn(x0.shape, generator=g)
         abt = ab[t].view(-1, 1, 1, 1)
-        kw = {} if cond_table is None else {
-            "encoder_hidden_states": cond_table[torch.randint(0, len(cond_table), (batch,), generator=g)]}
+        kw = {} if cond_table is None else text_kwargs(
+            cond_table[torch.randint(0, len(cond_table), (batch,), generator=g)], AddedCond.of(unet.config))
         loss = ((unet(abt.sqrt() * x0 + (1 - abt).sqrt() * noise, t, **kw).sample - noise) ** 2).mean()
         opt.zero_grad()
         loss.backward()

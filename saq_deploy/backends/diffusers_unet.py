@@ -1,7 +1,7 @@
 """An engine as a drop-in ``unet`` for diffusers pipelines and scheduler loops.
 
 ``EngineUNet`` has the UNet's call signature (``sample, timestep, encoder_hidden_states=None,
-class_labels=None, return_dict=True``) and output type (``UNet2DOutput``), a ``config`` with the
+class_labels=None, return_dict=True``, SDXL's ``added_cond_kwargs``) and output type (``UNet2DOutput``), a ``config`` with the
 exported UNet's configuration, and ``dtype`` / ``device``, which is what pipelines touch.
 """
 
@@ -41,12 +41,16 @@ class EngineUNet(torch.nn.Module):
         return torch.device("cpu")
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, class_labels=None,
-                return_dict: bool = True, **unused):
+                return_dict: bool = True, added_cond_kwargs=None, **unused):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         kind = self.engine.kind
         if kind == "text":
             cond = encoder_hidden_states
+            if self.eps.added is not None:  # SDXL pipelines pass text_embeds / time_ids here
+                if not added_cond_kwargs:
+                    raise ConfigError("this engine is SDXL-class: pass added_cond_kwargs with text_embeds and time_ids")
+                cond = self.eps.added.pack(cond, added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
         elif kind == "class":
             if class_labels is None:
                 raise ConfigError("this engine is class-conditional: pass class_labels")

@@ -72,7 +72,12 @@ class Engine:
         return VPSchedule.from_diffusers(self.meta["scheduler_config"])
 
     def eps_model(self) -> EngineEpsModel:
-        return EngineEpsModel(self.runner, self.kind, self.sample_shape, self.max_batch)
+        from saq_deploy.models.eps_model import AddedCond
+
+        added = AddedCond.of(self.meta.get("unet_config", {})) if self.kind == "text" else None
+        length = next((i["shape"][1] for i in self.manifest.get("inputs", [])
+                       if i["name"] == "encoder_hidden_states" and isinstance(i["shape"][1], int)), None)
+        return EngineEpsModel(self.runner, self.kind, self.sample_shape, self.max_batch, added, length)
 
     def close(self) -> None:
         self.runner.close()
@@ -80,10 +85,14 @@ class Engine:
 
 class EngineEpsModel:
     """``eps(x, t, cond)`` over an engine runner: checks shapes, splits batches above the
-    engine's maximum, keeps the caller's dtype/device."""
+    engine's maximum, keeps the caller's dtype/device. ``added``: an SDXL-class UNet's layout,
+    whose packed cond feeds ``encoder_hidden_states``, ``text_embeds`` and ``time_ids``."""
 
-    def __init__(self, runner: Runner, kind: str, sample_shape: tuple[int, ...], max_batch: int | None = None):
+    def __init__(self, runner: Runner, kind: str, sample_shape: tuple[int, ...], max_batch: int | None = None,
+                 added=None, text_length: int | None = None):
         self.runner = runner
+        self.added = added
+        self.text_length = text_length  # L of the exported encoder_hidden_states, when fixed
         self.kind = kind
         self.sample_shape = tuple(sample_shape)
         self.max_batch = max_batch
@@ -105,7 +114,16 @@ class EngineEpsModel:
         elif self.kind == "text":
             if cond is None:
                 raise ConfigError("this engine uses cross-attention: pass encoder hidden states")
-            feeds["encoder_hidden_states"] = cond.detach().float().to(dev)
+            from saq_deploy.models.eps_model import text_kwargs
+
+            if self.added is not None and self.text_length is not None and cond.shape[1] != self.text_length + self.added.rows:
+                # unpacking plain (B, L, D) states would read a token row as text_embeds and time_ids
+                raise ConfigError(f"this engine is SDXL-class: cond must be ({b}, {self.text_length} + "
+                                  f"{self.added.rows}, D) with text_embeds and time_ids packed behind the text "
+                                  f"states (models.eps_model.AddedCond.pack), got {tuple(cond.shape)}")
+            kw = text_kwargs(cond.detach().float().to(dev), self.added)
+            feeds["encoder_hidden_states"] = kw["encoder_hidden_states"]
+            feeds.update(kw.get("added_cond_kwargs", {}))
         step = self.max_batch or b
         outs = []
         for s in range(0, b, step):

@@ -8,6 +8,8 @@ Schema (every key optional; defaults in :class:`BuildProfile`)::
                cfg = true        # double min/opt/max: CFG runs [uncond; cond] as one engine call
     [shapes]   sample = [1, 16, 16]               # C, H, W; checked against the model (default: the model's)
                encoder_hidden_states = [77, 768]  # L, D for cross-attention UNets
+               text_embeds = [1280]               # E, SDXL-class UNets' pooled text embeddings
+               time_ids = [6]                     # SDXL-class UNets' size / crop conditioning
     [build]    precision = "fp16"                 # fp16: the FP16-typed ONNX; fp32: the FP32-typed one
                optimization_level = 3             # TensorRT builder optimization level 0..5
                workspace_mib = 4096               # workspace memory-pool limit
@@ -38,13 +40,19 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # TOML section -> {key: dataclass field}
 _SCHEMA: dict[str, dict[str, str]] = {
     "batch": {"min": "min_batch", "opt": "opt_batch", "max": "max_batch", "cfg": "cfg"},
-    "shapes": {"sample": "sample", "encoder_hidden_states": "encoder_hidden_states"},
+    "shapes": {"sample": "sample", "encoder_hidden_states": "encoder_hidden_states",
+               "text_embeds": "text_embeds", "time_ids": "time_ids"},
     "build": {"precision": "precision", "optimization_level": "optimization_level",
               "workspace_mib": "workspace_mib", "timing_cache": "timing_cache",
               "version_compatible": "version_compatible", "tf32": "tf32"},
     "runtime": {"cuda_graph": "cuda_graph"},
 }
 _TOP = ("name", "description")
+_SHAPE_FIELDS = tuple(_SCHEMA["shapes"].values())
+# profile shapes of the conditioning inputs -> what a model without that input lacks
+_COND_SHAPES = {"encoder_hidden_states": "cross-attention input",
+                "text_embeds": "SDXL-class added conditioning (text_embeds)",
+                "time_ids": "SDXL-class added conditioning (time_ids)"}
 
 
 def _int(value: Any, what: str, lo: int, hi: int | None = None) -> None:
@@ -79,6 +87,8 @@ class BuildProfile:
     cfg: bool = True
     sample: tuple[int, ...] | None = None
     encoder_hidden_states: tuple[int, ...] | None = None
+    text_embeds: tuple[int, ...] | None = None
+    time_ids: tuple[int, ...] | None = None
     precision: str = "fp16"
     optimization_level: int = 3
     workspace_mib: int = 4096
@@ -104,6 +114,8 @@ class BuildProfile:
             _bool(getattr(self, key), key)
         _dims(self.sample, "shapes.sample", 3)
         _dims(self.encoder_hidden_states, "shapes.encoder_hidden_states", 2)
+        _dims(self.text_embeds, "shapes.text_embeds", 1)
+        _dims(self.time_ids, "shapes.time_ids", 1)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"build.precision = {self.precision!r} is not supported; choose one of: "
                               f"{', '.join(PRECISIONS)}")
@@ -124,7 +136,7 @@ class BuildProfile:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("sample", "encoder_hidden_states"):
+        for key in _SHAPE_FIELDS:
             d[key] = list(d[key]) if d[key] is not None else None
         d["engine_batches"] = list(self.batches)
         return d
@@ -176,7 +188,7 @@ def resolve_profile(profile: BuildProfile | str | Path | None) -> BuildProfile:
 def _rest_dims(spec: dict, profile: BuildProfile, meta: dict) -> list[int]:
     """The non-batch dims of one input: the export's fixed dims, checked against the profile."""
     name, rest = spec["name"], list(spec["shape"][1:])
-    want = {"sample": profile.sample, "encoder_hidden_states": profile.encoder_hidden_states}.get(name)
+    want = getattr(profile, name) if name in _SHAPE_FIELDS else None
     if name == "sample":
         model = list(meta["sample_shape"])
         if rest != model:
@@ -201,7 +213,7 @@ def resolve_shapes(profile: BuildProfile, inputs: list[dict], meta: dict) -> dic
             raise ConfigError(f"input '{spec['name']}' has no dynamic batch dim: re-export with saq-deploy export")
         rest = _rest_dims(spec, profile, meta)
         shapes[spec["name"]] = {"min": [bmin, *rest], "opt": [bopt, *rest], "max": [bmax, *rest]}
-    if profile.encoder_hidden_states is not None and "encoder_hidden_states" not in shapes:
-        raise ConfigError(f"profile '{profile.name}' sets shapes.encoder_hidden_states but this model has no "
-                          "cross-attention input")
+    for key, what in _COND_SHAPES.items():
+        if getattr(profile, key) is not None and key not in shapes:
+            raise ConfigError(f"profile '{profile.name}' sets shapes.{key} but this model has no {what}")
     return shapes

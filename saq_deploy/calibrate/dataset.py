@@ -119,6 +119,83 @@ class ShardWriter:
         self.shards.append({"file": path.name, "records": n, "sha256": sha256_file(path)})
 
 
+def fragment_name(index: int, start: int) -> str:
+    return f".frag_{index:05d}_{start:012d}.safetensors"
+
+
+class RangeShardWriter:
+    """One rank's part of a sharded collection: records ``[start, stop)`` of a stream of ``total``.
+
+    Shard boundaries are those of the single-process stream (every ``shard_size`` records), so the
+    shards that lie wholly inside the range are written under their final name, and the ends of a
+    shard shared with a neighbouring rank as fragments that :func:`merge_fragments` (rank 0) joins:
+    the data set comes out byte-identical to one :class:`ShardWriter` over the whole stream."""
+
+    def __init__(self, folder: Path, shard_size: int, start: int, stop: int, total: int) -> None:
+        self.folder, self.shard_size = Path(folder), int(shard_size)
+        self.pos, self.stop, self.total = int(start), int(stop), int(total)
+        self.pieces: list[dict[str, Any]] = []
+        self._buf: list[dict[str, Tensor]] = []
+        self._rows = 0
+
+    def add(self, chunk: dict[str, Tensor]) -> None:
+        self._buf.append(chunk)
+        self._rows += int(next(iter(chunk.values())).shape[0])
+        while self._rows and self._rows >= self._next_boundary() - self.pos:
+            self._flush(self._next_boundary() - self.pos)
+
+    def _next_boundary(self) -> int:
+        return min((self.pos // self.shard_size + 1) * self.shard_size, self.stop)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._rows:
+            self._flush(self._rows)
+        if self.pos != self.stop:
+            raise SaqError(f"sharded collection wrote records up to {self.pos}, expected {self.stop}")
+        return self.pieces
+
+    def _flush(self, n: int) -> None:
+        merged = {k: torch.cat([c[k] for c in self._buf]) for k in self._buf[0]}
+        rest = self._rows - n
+        self._buf = [{k: v[n:].clone() for k, v in merged.items()}] if rest else []
+        self._rows = rest
+        k = self.pos // self.shard_size
+        lo, hi = k * self.shard_size, min((k + 1) * self.shard_size, self.total)
+        whole = self.pos == lo and self.pos + n == hi
+        path = self.folder / (shard_name(k) if whole else fragment_name(k, self.pos))
+        save_file({f: v[:n].contiguous() for f, v in merged.items()}, str(path), metadata={"format": FORMAT})
+        self.pieces.append({"index": k, "file": path.name, "records": n, "start": self.pos,
+                            "sha256": sha256_file(path) if whole else None})
+        self.pos += n
+
+
+def merge_fragments(folder: Path, pieces: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join every rank's fragments into whole shards; return the manifest's shard list (in order)."""
+    folder = Path(folder)
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for p in pieces:
+        by_index.setdefault(int(p["index"]), []).append(p)
+    shards = []
+    for k in sorted(by_index):
+        parts = sorted(by_index[k], key=lambda p: p["start"])
+        if len(parts) == 1 and parts[0]["sha256"] is not None:
+            shards.append({"file": parts[0]["file"], "records": parts[0]["records"], "sha256": parts[0]["sha256"]})
+            continue
+        datas = []
+        for p in parts:
+            with safe_open(str(folder / p["file"]), framework="pt") as f:
+                datas.append({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118 - not a dict
+        fields = [f for f in RECORD_FIELDS if f in datas[0]]  # ShardWriter's order, for identical bytes
+        path = folder / shard_name(k)
+        save_file({f: torch.cat([d[f] for d in datas]).contiguous() for f in fields}, str(path),
+                  metadata={"format": FORMAT})
+        for p in parts:
+            (folder / p["file"]).unlink()
+        shards.append({"file": path.name, "records": sum(int(p["records"]) for p in parts),
+                       "sha256": sha256_file(path)})
+    return shards
+
+
 class TrajectoryDataset:
     """Read access to a trajectory folder: streamed batches, small subsets, integrity checks."""
 

@@ -10,8 +10,16 @@ every UNet call gets ``encoder_hidden_states = table[label]`` (``models.eps_mode
 The table is stored once in the data folder (``dataset.COND_TABLE_FILE``, hashed in its manifest);
 the source file's sha256 enters the run's recipe hash (resume) and the artifact manifest.
 
+SDXL-class UNets (``addition_embed_type = "text_time"``) also take added conditioning: the file
+then carries ``pooled`` (P, E), the prompts' pooled text embeddings (``text_embeds``), with
+``uncond_pooled`` (1, E) beside ``uncond``, and optionally ``time_ids`` (1 or one per row, 6):
+original size, crop top-left, target size in pixels; default the sample size times the VAE's
+factor (8 without a VAE, SDXL's), crop (0, 0), as diffusers' SDXL pipeline computes them. Each
+table row then packs its pooled embedding and time ids behind its text states
+(``models.eps_model.AddedCond``), so every method and data path carries them unchanged.
+
 ``prompts`` / ``prompts_file`` / ``negative_prompt`` instead go through the pipeline's own
-tokenizer and text encoder once (``calibrate.text_encoder``; the negative prompt defaults to the
+tokenizer and text encoder once (``models.text_encoder``; the negative prompt defaults to the
 empty prompt, as in diffusers), giving the same table.
 
 Everything here is checked before the model's data are collected: a wrong width, a missing file
@@ -27,6 +35,7 @@ import torch
 from torch import Tensor
 
 from saq_deploy.errors import ConfigError
+from saq_deploy.models.eps_model import TIME_IDS
 
 _SHAPES = "'cond' (P, L, D) prompt embeddings and 'uncond' (1, L, D) for the negative prompt"
 
@@ -38,6 +47,8 @@ class PromptTable:
     null_index: int | None  # P when there is a negative embedding (CFG), else None
     source: str
     source_sha256: str
+    pooled: Tensor | None = None  # (P [+ 1], E) SDXL-class pooled text embeddings, the table's rows
+    time_ids: Tensor | None = None  # (1 or P [+ 1], 6) from the file; None: from the sample size
 
     @property
     def length(self) -> int:
@@ -50,7 +61,8 @@ class PromptTable:
     def info(self) -> dict:
         """What the artifact manifest records about the prompts."""
         return {"embeddings_file": self.source, "sha256": self.source_sha256, "prompts": self.count,
-                "length": self.length, "width": self.width, "negative": self.null_index is not None}
+                "length": self.length, "width": self.width, "negative": self.null_index is not None,
+                **({} if self.pooled is None else {"pooled": int(self.pooled.shape[1])})}
 
 
 def load_prompt_table(recipe) -> PromptTable | None:
@@ -96,8 +108,38 @@ def load_prompt_table(recipe) -> PromptTable | None:
     if uncond is None and cfg != 1.0:
         raise ConfigError(f"calibration.cfg = {cfg} needs the negative prompt's embedding: {where} has no "
                           "'uncond' (1, L, D) tensor; add one (the empty prompt's) or set calibration.cfg = 1")
+    pooled, time_ids = _added_tensors(tensors, where, int(cond.shape[0]), len(table))
     return PromptTable(table=table, count=int(cond.shape[0]), null_index=None if uncond is None else int(cond.shape[0]),
-                       source=str(p.embeddings_file), source_sha256=sha256_file(path))
+                       source=str(p.embeddings_file), source_sha256=sha256_file(path), pooled=pooled,
+                       time_ids=time_ids)
+
+
+def _added_tensors(tensors: dict, where: str, p: int, rows: int) -> tuple[Tensor | None, Tensor | None]:
+    """The file's SDXL added conditioning: pooled rows (like the table's) and time ids, checked."""
+    pooled, uncond_pooled, time_ids = tensors.get("pooled"), tensors.get("uncond_pooled"), tensors.get("time_ids")
+    if pooled is None:
+        for name, t in (("uncond_pooled", uncond_pooled), ("time_ids", time_ids)):
+            if t is not None:
+                raise ConfigError(f"{where} has '{name}' but no 'pooled' (P, E) tensor; add it or remove '{name}'")
+        return None, None
+    if pooled.ndim != 2 or pooled.shape[0] != p or not pooled.is_floating_point():
+        raise ConfigError(f"{where}: 'pooled' must be a float tensor of shape ({p}, E), one row per 'cond' "
+                          f"prompt, got {tuple(pooled.shape)}")
+    rows_ = [pooled.float()]
+    if rows > p:  # a negative prompt: its pooled embedding is the null row's
+        if uncond_pooled is None or tuple(uncond_pooled.shape) != (1, pooled.shape[1]):
+            got = "none" if uncond_pooled is None else str(tuple(uncond_pooled.shape))
+            raise ConfigError(f"{where} has 'uncond' but its 'uncond_pooled' must be (1, {pooled.shape[1]}) "
+                              f"(the negative prompt's pooled embedding), got {got}")
+        rows_.append(uncond_pooled.float())
+    if time_ids is not None and (time_ids.ndim != 2 or time_ids.shape[0] not in (1, rows)
+                                 or time_ids.shape[1] != TIME_IDS):
+        raise ConfigError(f"{where}: 'time_ids' must have shape (1, {TIME_IDS}) or ({rows}, {TIME_IDS}) "
+                          f"(original H, W, crop top, left, target H, W), got {tuple(time_ids.shape)}")
+    out = torch.cat(rows_).contiguous(), None if time_ids is None else time_ids.float()
+    if not all(bool(torch.isfinite(t).all()) for t in out if t is not None):
+        raise ConfigError(f"{where} holds NaN or infinite values")
+    return out
 
 
 def bind_prompts(loaded, prompts: PromptTable | None):
@@ -112,9 +154,9 @@ def bind_prompts(loaded, prompts: PromptTable | None):
         raise ConfigError("this UNet uses cross-attention (UNet2DConditionModel): calibration needs prompt "
                           f"embeddings; set [prompts] embeddings_file = \"emb.safetensors\" with {_SHAPES}")
     cfg = loaded.unet.config
-    if cfg.get("addition_embed_type"):
-        raise ConfigError(f"this UNet has addition_embed_type = {cfg.get('addition_embed_type')!r} (SDXL-class "
-                          "added conditioning), which calibration does not support yet")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise ConfigError(f"this UNet has addition_embed_type = {cfg.get('addition_embed_type')!r}, which "
+                          "calibration does not support (SDXL-class 'text_time' is supported)")
     dims = cfg.get("cross_attention_dim")
     dims = {int(d) for d in dims} if isinstance(dims, (list, tuple)) else {int(dims)}
     if dims != {prompts.width}:
@@ -122,19 +164,41 @@ def bind_prompts(loaded, prompts: PromptTable | None):
                           f"{prompts.width}, but this UNet's cross_attention_dim is "
                           f"{', '.join(map(str, sorted(dims)))}: encode the prompts with this pipeline's text encoder")
     return dataclasses.replace(loaded, num_classes=prompts.count, null_label=prompts.null_index,
-                               cond_table=prompts.table)
+                               cond_table=_with_added(loaded, prompts))
+
+
+def _with_added(loaded, prompts: PromptTable) -> Tensor:
+    """The prompt table, with each row's pooled embedding and time ids packed behind it for an
+    SDXL-class UNet (models.eps_model.AddedCond); as it is for other text UNets."""
+    from saq_deploy.models.eps_model import AddedCond, default_time_ids
+
+    added = AddedCond.of(loaded.unet.config)
+    where = f"prompts.embeddings_file '{prompts.source}'" if prompts.source != "text_encoder" else "[prompts]"
+    if added is None:
+        if prompts.pooled is not None:
+            raise ConfigError(f"{where} has 'pooled' embeddings, but this UNet takes no added conditioning "
+                              "(only SDXL-class addition_embed_type = 'text_time' ones do): remove 'pooled'")
+        return prompts.table
+    if prompts.pooled is None:
+        neg = " and 'uncond_pooled' (1, E)" if prompts.null_index is not None else ""
+        raise ConfigError(f"this UNet is SDXL-class (addition_embed_type = 'text_time', pooled width E = "
+                          f"{added.text_embeds}): add 'pooled' (P, E){neg} pooled text embeddings to {where}"
+                          + (" (an embeddings file: the text-encoder path has no pooled output)"
+                             if prompts.source == "text_encoder" else ""))
+    if prompts.pooled.shape[1] != added.text_embeds:
+        raise ConfigError(f"{where} holds pooled embeddings of width E = {prompts.pooled.shape[1]}, but this "
+                          f"UNet's added conditioning takes E = {added.text_embeds} (projection_class_embeddings_"
+                          "input_dim - 6 * addition_time_embed_dim)")
+    rows = len(prompts.table)
+    time_ids = default_time_ids(loaded) if prompts.time_ids is None else prompts.time_ids
+    return added.pack(prompts.table, prompts.pooled, time_ids.expand(rows, -1)).contiguous()
 
 
 def _encoded_table(recipe) -> PromptTable:
-    """The recipe's prompts through the pipeline's own tokenizer + text encoder (calibrate.text_encoder)."""
+    """The recipe's prompts through the pipeline's own tokenizer + text encoder (models.text_encoder)."""
     import hashlib
 
-    from saq_deploy.calibrate.text_encoder import (
-        encode_prompts,
-        pipeline_root,
-        read_prompts,
-        require_transformers,
-    )
+    from saq_deploy.models.text_encoder import encode_prompts, pipeline_root, require_transformers
 
     prompts = read_prompts(recipe)
     require_transformers()
@@ -142,3 +206,24 @@ def _encoded_table(recipe) -> PromptTable:
     digest = hashlib.sha256(table.numpy().tobytes()).hexdigest()  # the embeddings themselves
     return PromptTable(table=table, count=len(prompts), null_index=len(prompts),
                        source="text_encoder", source_sha256=digest)
+
+
+def read_prompts(recipe) -> list[str]:
+    """``prompts.prompts`` then the lines of ``prompts.prompts_file`` (blank lines skipped)."""
+    p = recipe.prompts
+    prompts = list(p.prompts)
+    if p.prompts_file:
+        path = Path(p.prompts_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"prompts.prompts_file '{path}' does not exist (one prompt per line)")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompts.prompts_file '{path}' is not UTF-8 text ({e.reason})") from None
+        from_file = [ln.strip() for ln in lines if ln.strip()]
+        if not from_file:
+            raise ConfigError(f"prompts.prompts_file '{path}' holds no prompts (one prompt per line)")
+        prompts += from_file
+    if not prompts:
+        raise ConfigError("[prompts] sets only negative_prompt: give prompts.prompts or prompts.prompts_file")
+    return prompts

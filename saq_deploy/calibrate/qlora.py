@@ -44,6 +44,7 @@ from saq_deploy.calibrate.methods import get_method
 from saq_deploy.calibrate.recipe import Recipe, quant_config_for
 from saq_deploy.calibrate.steps import CKPT_INFO
 from saq_deploy.errors import ConfigError
+from saq_deploy.utils import distributed
 
 CKPT_TENSORS = "qlora_ckpt.pt"
 DEPLOYMENT_NOTES = {
@@ -103,7 +104,7 @@ def student_eps(unet: nn.Module, x: Tensor, t: float, labels: Tensor | None, nul
     lab = torch.cat([torch.full_like(labels, null_label), labels]) if guided else labels
     tt = torch.full((xin.shape[0],), t, dtype=torch.float32)
     with active_timesteps(timestep_groups(tt, groups, num_train_timesteps)):
-        cond = {"class_labels": None} if lab is None else cond_kwargs(lab, table)
+        cond = {"class_labels": None} if lab is None else cond_kwargs(lab, table, unet)
         out = unet(xin, tt, **cond, return_dict=False)[0]
     if not guided:
         return out
@@ -224,8 +225,11 @@ def _read_ckpt(work: Path, rhash: str) -> dict | None:
 
 def _write_ckpt(work: Path, rhash: str, epochs_done: int, params: dict[str, nn.Parameter], opt, sched,
                 history: list[dict], train_s: float) -> None:
+    from saq_deploy.utils.distributed import env_world
     from saq_deploy.utils.io import atomic_path, write_json_atomic
 
+    if not env_world().is_rank0:  # the replicas are equal; one writer keeps the file whole
+        return
     data = {"epochs_done": epochs_done, "params": {n: p.detach().clone() for n, p in params.items()},
             "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history, "train_s": train_s}
     with atomic_path(work / CKPT_TENSORS) as tmp:
@@ -242,6 +246,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
     from saq_deploy.models.eps_model import IndexedCondEpsModel, TorchEpsModel
     from saq_deploy.models.guidance import ClassifierFreeGuidance
     from saq_deploy.quant.lora import clamp_positive_, merge_lora_
+    from saq_deploy.quant.quantizer import batch_share
     from saq_deploy.utils.progress import progress as progress_for
 
     c, q = recipe.calibration, recipe.qlora
@@ -266,6 +271,17 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
                for n in set(q.mixstep)}
     opt, sched = _optimizer(unet, params, recipe, q.epochs * per_epoch)
     ckpt = _read_ckpt(work, rhash)
+    world = distributed.world()
+    distributed.barrier("checkpoint read")  # every rank resumes from the same checkpoint before rank 0 writes
+    if world.size > q.batch_size:
+        raise ConfigError(f"qlora.batch_size = {q.batch_size} is smaller than the {world.size} ranks: each rank "
+                          "trains on a slice of every step's batch; raise it or use fewer ranks")
+    # data parallel: every rank draws the whole seeded batch and keeps its slice; a rank's batch-mean
+    # loss times its share of the batch sums over the ranks to the global mean, so the all-reduced
+    # gradient is the one-process gradient (up to float summation order)
+    mine = distributed.shard_range(q.batch_size, world)
+    share = len(mine) / q.batch_size
+    trained = [p for g in opt.param_groups for p in g["params"]]
     if ckpt is None:
         start, history, train_s = 0, [], 0.0
         _write_ckpt(work, rhash, 0, params, opt, sched, history, train_s)
@@ -286,23 +302,30 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
             for index, steps in enumerate(q.mixstep):
                 x_T, labels = epoch_batch(q.seed, epoch, index, q.batch_size, loaded.sample_shape,
                                           loaded.num_classes)
+                if world.active:
+                    x_T, labels = x_T[mine.start:mine.stop], None if labels is None else labels[mine.start:mine.stop]
                 pairs = teacher_pairs(fp_eps, schedule, x_T, labels, steps, spacing=c.spacing, teacher=teacher,
                                       target=target, orientation=c.orientation)
                 for (x, t, tgt), w in zip(pairs, weights[steps], strict=True):
-                    with torch.enable_grad():
+                    with torch.enable_grad(), batch_share(share if world.active else 1.0):
                         eps = student_eps(unet, x, t, labels, loaded.null_label, c.cfg, groups, T,
                                           loaded.cond_table)
                         loss, mse, cos = qlora_loss(eps, tgt, q.cos_weight)
+                        if world.active:
+                            loss, mse, cos = loss * share, mse * share, cos * share
                         opt.zero_grad(set_to_none=True)
                         (loss * w).backward()
+                        distributed.all_reduce_grads_(trained, "QLoRA gradient all-reduce")
                         opt.step()
                         sched.step()
                     clamp_positive_(params)
-                    for k, v in enumerate((loss, mse, cos)):
-                        sums[k] += float(v.detach())
+                    logged = torch.stack([loss.detach(), mse.detach(), cos.detach()])
+                    distributed.all_reduce_sum_([logged], "QLoRA loss all-reduce")  # the global batch's
+                    for k, v in enumerate(logged):
+                        sums[k] += float(v)
                     n += 1
                     task.advance(1, description=f"{c.method} epoch {epoch + 1}/{q.epochs} "
-                                                f"N={steps} loss {float(loss.detach()):.4g}")
+                                                f"N={steps} loss {float(logged[0]):.4g}")
             train_s += time.perf_counter() - t0
             history.append({"epoch": epoch + 1, "loss": sums[0] / n, "mse": sums[1] / n, "one_minus_cos": sums[2] / n,
                             "seconds": round(time.perf_counter() - t0, 2)})

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from saq_deploy.calibrate.blocks import BlockInputs, block_output
 from saq_deploy.quant.timestep import active_timesteps
+from saq_deploy.utils import distributed
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,16 @@ def block_loss(block: nn.Module, inputs: BlockInputs, targets: Tensor, timesteps
     return total / max(n, 1)
 
 
+def _data_loss(block: nn.Module, inputs: BlockInputs, idx: Tensor, targets: Tensor, timesteps: Tensor,
+               s: ReconSettings) -> Tensor:
+    args, kwargs = inputs.select(idx)
+    out = _forward(block, args, kwargs, timesteps[idx], s)
+    loss = rec_loss(out, targets[idx])
+    if s.cos_weight > 0:
+        loss = loss + s.cos_weight * cos_loss(out, targets[idx])
+    return loss
+
+
 def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, timesteps: Tensor,
                       s: ReconSettings, *, seed: int, on_iter=None) -> dict[str, float]:
     """Train the block's rounding variables and activation steps; end with hard rounding.
@@ -78,6 +89,7 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
     ``timesteps`` (N,) are the UNet timesteps of the student inputs (for timestep-group scales).
     Deterministic for a given ``seed`` on CPU, which makes resume bit-identical."""
     from saq_deploy.quant.adaround import beta_schedule
+    from saq_deploy.quant.quantizer import batch_share
 
     layers = quant_layers(block)
     before = block_loss(block, inputs, targets, timesteps, s)
@@ -95,27 +107,34 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
         groups += [{"params": [st], "lr": s.lr_act * float(st.detach().abs().max())} for st in steps]
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
+    w = distributed.world()
+    trained = [p for g in groups for p in g["params"]]
     block.train()
     try:
         for it in range(s.iters):
+            # every rank draws the same global batch (same generator) and trains on its slice of it
             idx = torch.randint(0, inputs.n, (min(s.batch_size, inputs.n),), generator=gen)
-            args, kwargs = inputs.select(idx)
-            with torch.enable_grad():
-                out = _forward(block, args, kwargs, timesteps[idx], s)
-                loss = rec_loss(out, targets[idx])
-                if s.cos_weight > 0:
-                    loss = loss + s.cos_weight * cos_loss(out, targets[idx])
+            share = 1.0
+            if w.active:
+                mine = distributed.shard_range(len(idx), w)
+                share, idx = len(mine) / len(idx), idx[mine.start:mine.stop]
+            with torch.enable_grad(), batch_share(share):
+                # both losses are batch means: a rank's mean times its share of the batch sums, over
+                # the ranks, to the global mean, so the all-reduced gradient is the one-process one
+                loss = _data_loss(block, inputs, idx, targets, timesteps, s) * share if len(idx) else 0.0
                 beta, weight = beta_schedule(it, s.iters, start=s.beta_start, end=s.beta_end, warmup=s.warmup)
-                if weight > 0 and s.round_weight > 0:
+                if weight > 0 and s.round_weight > 0 and w.is_rank0:  # once, not once per rank
                     reg = sum(layer.weight_quant.round_regularizer(beta) for layer in layers)
                     loss = loss + s.round_weight * weight * reg
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if isinstance(loss, Tensor):
+                    loss.backward()
+                distributed.all_reduce_grads_(trained, "block reconstruction gradient all-reduce")
                 opt.step()
             for st in steps:  # LSQ steps must stay positive (TensorRT: scales > 0)
                 st.data.clamp_(min=1e-8)
             if on_iter is not None:
-                on_iter(it, float(loss.detach()))
+                on_iter(it, float(loss.detach()) if isinstance(loss, Tensor) else loss)
     finally:
         block.eval()
         for layer in layers:

@@ -43,9 +43,10 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     """Run the recipe and write the artifact to ``out_dir``. ``max_blocks`` stops (with the
     checkpoint kept) after that many reconstructed blocks, ``max_epochs`` after that many QLoRA
     epochs: time-boxed runs and resume tests."""
-    from saq_deploy.calibrate.artifact import save_artifact
     from saq_deploy.models.loading import load_model
+    from saq_deploy.utils import distributed
 
+    w = distributed.world()  # under torchrun: join the process group (docs/design/distributed.md)
     out_dir = Path(out_dir)
     work = out_dir.parent / f".{out_dir.name}.partial"
     if out_dir.exists():
@@ -65,6 +66,8 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     t0 = time.perf_counter()
     # a text UNet takes the prompt index as its integer cond (calibrate.prompts); others unchanged
     loaded = bind_prompts(load_model(recipe.model.spec), prompts)
+    # every rank has checked the output and the checkpoint before rank 0 creates anything
+    distributed.barrier("calibration set-up")
     work.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed load leaves no .partial
     from saq_deploy.calibrate.steps import collect_or_open, run_pipeline
 
@@ -79,11 +82,28 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
         else:
             result = run_pipeline(loaded, recipe, ds, work, rhash, progress=progress, max_blocks=max_blocks)
     except BaseException:
-        if not info_path.exists():  # nothing worth resuming: leave no partial folder behind
+        if w.is_rank0 and not info_path.exists():  # nothing worth resuming: leave no partial folder behind
             shutil.rmtree(work, ignore_errors=True)
         raise
     if result is None:  # stopped early on purpose; checkpoint kept for resume
         return work
+    if not w.is_rank0:  # rank 0 writes the artifact; the others wait so the run ends as one
+        distributed.agree(None, "writing the artifact")
+        return out_dir
+    try:
+        _write_artifact(out_dir, work, recipe, loaded, ds, result, t0, prompts, method,
+                        qlora if method.fine_tunes else None)
+    except BaseException as e:
+        distributed.agree(e if isinstance(e, Exception) else None, "writing the artifact")
+        raise
+    distributed.agree(None, "writing the artifact")
+    return out_dir
+
+
+def _write_artifact(out_dir: Path, work: Path, recipe: Recipe, loaded, ds, result, t0: float, prompts, method,
+                    qlora) -> None:
+    from saq_deploy.calibrate.artifact import save_artifact
+
     unet, block_losses, qcfg = result
     wall = time.perf_counter() - t0
     manifest = build_manifest(recipe, loaded, ds, qcfg, block_losses, wall)
@@ -109,7 +129,6 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
     tmp.rename(out_dir)
     fsync_dir(out_dir.parent)
     shutil.rmtree(work, ignore_errors=True)
-    return out_dir
 
 
 def _finish_cleanup(out_dir: Path, work: Path, recipe: Recipe) -> bool:

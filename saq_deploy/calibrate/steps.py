@@ -104,7 +104,7 @@ class Records:
 
         def make(sl):
             def run():
-                cond = {"class_labels": None} if labels is None else cond_kwargs(labels[sl], table)
+                cond = {"class_labels": None} if labels is None else cond_kwargs(labels[sl], table, unet)
                 with active_timesteps(timestep_groups(t[sl], groups, T)):
                     return unet(x[sl], t[sl], **cond, return_dict=False)
             return run
@@ -142,6 +142,9 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
     fp_unet = copy.deepcopy(loaded.unet).eval()
     records = Records(ds, recipe, loaded.null_label, loaded.cond_table)
     ckpt = _read_ckpt(work, rhash)
+    from saq_deploy.utils.distributed import barrier
+
+    barrier("checkpoint read")  # every rank resumes from the same checkpoint before rank 0 writes one
     if ckpt is not None:
         unet = _restore(fp_unet, qcfg, work, ckpt["layer_specs"])
         done, losses = ckpt["blocks_done"], ckpt["block_losses"]
@@ -229,8 +232,11 @@ def _write_ckpt(work: Path, unet, rhash: str, blocks_done: int, losses: list) ->
     from safetensors.torch import save_file
 
     from saq_deploy.quant.state import quant_layer_specs, quant_state_dict
+    from saq_deploy.utils.distributed import env_world
     from saq_deploy.utils.io import atomic_path, write_json_atomic
 
+    if not env_world().is_rank0:  # the replicas are equal; one writer keeps the file whole
+        return
     info = {"recipe_hash": rhash, "blocks_done": blocks_done, "block_losses": losses,
             "layer_specs": quant_layer_specs(unet)}
     with atomic_path(work / CKPT_STATE) as tmp:

@@ -46,8 +46,10 @@ from saq_deploy.calibrate.dataset import (
     MANIFEST_NAME,
     PAIRINGS,
     RECORD_FIELDS,
+    RangeShardWriter,
     ShardWriter,
     TrajectoryDataset,
+    merge_fragments,
     pairing_fields,
 )
 from saq_deploy.errors import ConfigError, SaqError
@@ -229,51 +231,84 @@ def collect_trajectories(
     x_T = initial_noise(shape, num_samples, seed)
     run = _SAMPLE_FNS[sampler]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    from saq_deploy.utils import distributed
+
+    w = distributed.world()
+    tmp_name = None
+    if w.is_rank0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+        tmp_name = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    # one temp folder for all ranks (a shared file system): each rank writes its own shards into it
+    tmp = Path(distributed.broadcast_object(tmp_name, "trajectory set-up"))
+    # the unit of work is one batch of the single-process run, so every sample is computed in the
+    # same batch as there, and a rank's records are one contiguous stretch of the record stream
+    starts = list(range(0, num_samples, batch_size))
+    mine = distributed.shard_range(len(starts), w)
+    first = starts[mine.start] if len(mine) else num_samples
+    last = min(starts[mine.stop - 1] + batch_size, num_samples) if len(mine) else num_samples
     try:
-        writer = ShardWriter(tmp, shard_size)
-        with _progress(progress, num_samples * steps) as advance:
-            for start in range(0, num_samples, batch_size):
-                stop = min(start + batch_size, num_samples)
-                cond = None if labels is None else labels[start:stop]
-                label_col = torch.full((stop - start,), -1, dtype=torch.long) if cond is None else cond.clone()
-                sample_col = torch.arange(start, stop, dtype=torch.long)
+        error: BaseException | None = None
+        if w.active:
+            writer = RangeShardWriter(tmp, shard_size, first * steps, last * steps, num_samples * steps)
+        else:
+            writer = ShardWriter(tmp, shard_size)
+        try:
+            with _progress(progress, (last - first) * steps) as advance:
+                for start in starts[mine.start:mine.stop]:
+                    stop = min(start + batch_size, num_samples)
+                    cond = None if labels is None else labels[start:stop]
+                    label_col = torch.full((stop - start,), -1, dtype=torch.long) if cond is None else cond.clone()
+                    sample_col = torch.arange(start, stop, dtype=torch.long)
 
-                def on_step(info: StepInfo, label_col: Tensor = label_col, sample_col: Tensor = sample_col) -> None:
-                    rec = _record(sampler, schedule, info)
-                    _check_finite(rec, info)
-                    rec["label"], rec["sample"] = label_col, sample_col
-                    writer.add({k: rec[k] for k in RECORD_FIELDS})
-                    advance(len(sample_col))
+                    def on_step(info: StepInfo, label_col: Tensor = label_col, sample_col: Tensor = sample_col) -> None:
+                        rec = _record(sampler, schedule, info)
+                        _check_finite(rec, info)
+                        rec["label"], rec["sample"] = label_col, sample_col
+                        writer.add({k: rec[k] for k in RECORD_FIELDS})
+                        advance(len(sample_col))
 
-                run(model, x_T[start:stop].clone(), schedule, grid, cond=cond, callback=on_step)
-        shards = writer.close()
-        table_entry = None
-        if cond_table is not None:
-            from safetensors.torch import save_file
-
-            from saq_deploy.utils.io import sha256_file
-
-            save_file({"table": cond_table.contiguous()}, str(tmp / COND_TABLE_FILE))
-            table_entry = {"file": COND_TABLE_FILE, "rows": int(cond_table.shape[0]),
-                           "sha256": sha256_file(tmp / COND_TABLE_FILE)}
-        manifest = _manifest(
-            sampler=sampler, pairing=pairing, steps=steps, spacing=spacing, grid=grid, schedule=schedule,
-            seed=seed, num_samples=num_samples, cfg=cfg, guided=model is not eps_model,
-            num_classes=num_classes, null_label=null_label, model_hash=model_hash, sample_shape=shape,
-            batch_size=batch_size, shard_size=shard_size, shards=shards,
-        )
-        if table_entry is not None:
-            manifest["cond_table"] = table_entry
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the data set should be readable like any folder
-        _install(tmp, out)
+                    run(model, x_T[start:stop].clone(), schedule, grid, cond=cond, callback=on_step)
+            pieces = writer.close()
+        except Exception as e:  # noqa: BLE001 - re-raised by agree(); the others must not wait for it
+            error = e
+        distributed.agree(error, "trajectory collection")
+        pieces = distributed.all_gather_objects(pieces, "trajectory shard lists")
+        if w.is_rank0:
+            try:
+                error = None
+                shards = merge_fragments(tmp, [p for ps in pieces for p in ps]) if w.active else pieces[0]
+                _finish(tmp, out, cond_table, _manifest(
+                    sampler=sampler, pairing=pairing, steps=steps, spacing=spacing, grid=grid, schedule=schedule,
+                    seed=seed, num_samples=num_samples, cfg=cfg, guided=model is not eps_model,
+                    num_classes=num_classes, null_label=null_label, model_hash=model_hash, sample_shape=shape,
+                    batch_size=batch_size, shard_size=shard_size, shards=shards))
+            except Exception as e:  # noqa: BLE001 - re-raised by agree() below, on every rank
+                error = e
+        distributed.agree(error, "writing the trajectory manifest")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if w.is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return TrajectoryDataset(out)
+
+
+def _finish(tmp: Path, out: Path, cond_table: Tensor | None, manifest: dict[str, Any]) -> None:
+    """Rank 0: the prompt table, the manifest over every rank's shards, and the rename into place."""
+    table_entry = None
+    if cond_table is not None:
+        from safetensors.torch import save_file
+
+        from saq_deploy.utils.io import sha256_file
+
+        save_file({"table": cond_table.contiguous()}, str(tmp / COND_TABLE_FILE))
+        table_entry = {"file": COND_TABLE_FILE, "rows": int(cond_table.shape[0]),
+                       "sha256": sha256_file(tmp / COND_TABLE_FILE)}
+    if table_entry is not None:
+        manifest["cond_table"] = table_entry
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the data set should be readable like any folder
+    _install(tmp, out)
 
 
 def _manifest(

@@ -37,6 +37,7 @@ def _register() -> None:
     app.command("models")(info.models_cmd)
     app.command("env")(info.env_cmd)
     app.command("train-reference")(train.train_reference_cmd)
+    app.command("train-text-reference")(train.train_text_reference_cmd)
     app.command("train-classifier")(train.train_classifier_cmd)
     app.command("export")(engine.export_cmd)
     app.command("build-engine")(engine.build_engine_cmd)

@@ -53,16 +53,22 @@ def calibrate_cmd(
         "calibration.num_samples": num_samples, "calibration.seed": seed, "reconstruction.iters": iters,
         "qlora.epochs": epochs, "qlora.rank": rank,
     })
-    if recipe is None:
+    from saq_deploy.utils.distributed import env_world
+
+    rank0 = env_world().is_rank0  # under torchrun rank 0 alone talks; every rank computes
+    if recipe is None and rank0:
         # defaults run for minutes: name them so a forgotten --recipe is seen before, not after
         c = r.calibration
         typer.echo(f"no --recipe: running the built-in defaults with your overrides (model {r.model.spec}, "
                    f"{r.quant.bits}, {c.method}, {c.sampler} {c.steps} steps, {c.num_samples} samples)", err=True)
+    if comparing and env_world().active:
+        raise BadOptionError("--compare and --method auto run in one process: start them without torchrun")
     if comparing:
         _compare(r, output, compare, criterion.value, eval_n, budget, keep_candidates)
         return
-    out = calibrate(r, output, progress=True)
-    typer.echo(f"wrote {out} ({r.calibration.method}, {r.quant.bits})")
+    out = calibrate(r, output, progress=rank0)
+    if rank0:
+        typer.echo(f"wrote {out} ({r.calibration.method}, {r.quant.bits})")
 
 
 def _compare(r, output: Path, compare: str | None, criterion: str, eval_n: int, budget: float | None,

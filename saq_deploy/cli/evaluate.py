@@ -39,7 +39,12 @@ def evaluate_cmd(
 
     settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
                               spacing=spacing.value if spacing else None, batch_size=batch_size)
-    result = evaluate_model(model, settings, artifact=artifact, progress=True)
+    from saq_deploy.utils.distributed import env_world
+
+    rank0 = env_world().is_rank0  # under torchrun every rank samples, rank 0 alone reports and writes
+    result = evaluate_model(model, settings, artifact=artifact, progress=rank0)
+    if not rank0:
+        return
     if output is not None:
         write_json_atomic(output, result)
     m = result["metrics"]

@@ -36,17 +36,22 @@ def sample_cmd(
     engine: EngineOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per model call batch.")] = 64,
     cond_file: Annotated[Path | None, typer.Option("--cond-file", help="Cross-attention UNets: safetensors with 'cond' (1|N, L, D) and optional 'uncond' embeddings.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Text-to-image UNets: a prompt (repeat for several; sample i gets prompt i mod P, one grid column each).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option("--prompts-file", help="Text-to-image UNets: prompts, one per line (after any --prompt).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Text-to-image UNets: what guidance steers away from (default: the empty prompt, as diffusers).")] = None,
     output: OutputOpt = Path("grid.png"),
     force: ForceOpt = False,
 ) -> None:
     """Sample a grid PNG (and a JSON manifest beside it)."""
     from saq_deploy.api import sample_to_file
     from saq_deploy.generate import SampleSettings
+    from saq_deploy.prompt_inputs import read_prompts_file
 
+    prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
     settings = SampleSettings(sampler=sampler.value, steps=steps, cfg=cfg, seed=seed, n=num_samples,
                               label=label, spacing=spacing.value if spacing else None, batch_size=batch_size)
     out = sample_to_file(model, settings, output, cond_file=cond_file, artifact=artifact, engine=engine,
-                         progress=True, force=force)
+                         prompts=prompts or None, negative_prompt=negative_prompt, progress=True, force=force)
     import json
 
     m = json.loads(out.with_suffix(".json").read_text())
@@ -65,6 +70,11 @@ def describe_run(manifest: dict, n: int) -> str:
         parts.append("conditional, no guidance (cfg 1)")
     else:
         parts.append("unconditional, no guidance")
+    if manifest.get("prompts"):
+        p = manifest["prompts"]
+        parts.append(f"{len(p)} prompt{'s' if len(p) > 1 else ''} ({'; '.join(p[:3])}{'; ...' if len(p) > 3 else ''})")
+    elif manifest.get("conditioning") == "artifact":
+        parts.append("the artifact's calibration prompts")
     if manifest.get("decoded_by_vae"):
         parts.append(f"decoded by the VAE in {manifest['decoded_by_vae']}")
     return ", ".join(parts)

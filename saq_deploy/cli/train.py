@@ -23,6 +23,21 @@ def train_reference_cmd(
     typer.echo(f"wrote {output}: final loss {log['final_loss_mean_last_200']:.4f}, {log['wall_time_s']:.0f} s")
 
 
+def train_text_reference_cmd(
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (batch 64).")] = 2500,
+    seed: SeedOpt = 0,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output pipeline folder.")] = Path("runs/reference/digits_text"),
+) -> None:
+    """Train the built-in text-to-image pipeline (builtin:digits-text: SD-1.x-style UNet, CLIP text encoder
+    and tokenizer) on scikit-learn's digits with prompts like 'a bold seven' (~40 min on 2 cores)."""
+    from saq_deploy.models.text_encoder import require_transformers
+    from saq_deploy.reference.text_train import TextTrainConfig, train_text_reference
+
+    require_transformers()
+    log = train_text_reference(output, TextTrainConfig(steps=steps, seed=seed), progress=True)
+    typer.echo(f"wrote {output}: final loss {log['final_loss_mean_last_200']:.4f}, {log['wall_time_s']:.0f} s")
+
+
 def train_classifier_cmd(
     seed: SeedOpt = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/reference"),

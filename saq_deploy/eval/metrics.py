@@ -113,9 +113,13 @@ def mse(a: ArrayLike, b: ArrayLike) -> float:
 def psnr(a: ArrayLike, b: ArrayLike, data_range: float = 2.0) -> float:
     """10 log10(data_range^2 / MSE) in dB, MSE over all pixels; data_range 2.0 for [-1, 1] images.
     Identical inputs give +inf."""
+    return psnr_from_mse(mse(a, b), data_range)
+
+
+def psnr_from_mse(m: float, data_range: float = 2.0) -> float:
+    """PSNR in dB of a known MSE (a sharded evaluation reduces the MSE first)."""
     if data_range <= 0:
         raise ConfigError(f"data_range must be positive, got {data_range}")
-    m = mse(a, b)
     return math.inf if m == 0.0 else float(10.0 * math.log10(data_range**2 / m))
 
 
@@ -143,24 +147,33 @@ def evaluate_samples(
     class each sample was conditioned on) are given; mse and psnr when ``reference_images`` (the FP
     model's samples at the same seeds) are given. Defaults: the committed classifier and stats."""
     from saq_deploy.eval.features import DigitFeatures, as_image_tensor
-    from saq_deploy.eval.fid import FIDStats, compute_stats, frechet_distance
-    from saq_deploy.reference import DIGITS_FID_STATS_PATH
 
     x = as_image_tensor(images)
     extractor = DigitFeatures(classifier)
+    out = metrics_from_features(extractor(x), extractor.probs(x), labels, extractor=extractor,
+                                fid_stats=fid_stats, k=k)
+    if reference_images is not None:
+        ref = as_image_tensor(reference_images)
+        out["mse"] = mse(x, ref)
+        out["psnr"] = psnr(x, ref, data_range=2.0)
+    return out
+
+
+def metrics_from_features(feats: np.ndarray, probs: np.ndarray, labels: ArrayLike | None = None, *,
+                          extractor: Any, fid_stats: FIDStats | str | Path | None = None,
+                          k: int = 3) -> dict[str, float | int]:
+    """The set metrics of :func:`evaluate_samples` from (N, D) features and (N, K) probabilities, so a
+    sharded evaluation can gather features instead of images (saq_deploy.eval.sharded)."""
+    from saq_deploy.eval.fid import FIDStats, compute_stats, frechet_distance
+    from saq_deploy.reference import DIGITS_FID_STATS_PATH
+
     stats = (
         fid_stats if isinstance(fid_stats, FIDStats) else FIDStats.load(fid_stats or DIGITS_FID_STATS_PATH)
     )
-    feats = extractor(x)
-    probs = extractor.probs(x)
-    out: dict[str, float | int] = {"n_samples": len(x)}
+    out: dict[str, float | int] = {"n_samples": len(feats)}
     out["digit_fid"] = frechet_distance(compute_stats(feats, extractor.name), stats)
     out["inception_score"] = inception_score(probs)
     out["precision"], out["recall"] = precision_recall(_real_features(stats, extractor), feats, k=k)
     if labels is not None:
         out["accuracy"] = class_accuracy(probs, labels)
-    if reference_images is not None:
-        ref = as_image_tensor(reference_images)
-        out["mse"] = mse(x, ref)
-        out["psnr"] = psnr(x, ref, data_range=2.0)
     return out

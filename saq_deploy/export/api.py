@@ -78,12 +78,14 @@ def build_target_model(fp_model: onnx.ModelProto, plan, target: str, feeds: list
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """FP16-typed sibling for strongly typed TensorRT: I/O stay FP32 (Casts at the edges); the
-    sinusoidal timestep embedding stays FP32 (t * freq near 1000 loses its phase in FP16)."""
+    sinusoidal timestep embedding stays FP32 (t * freq near 1000 loses its phase in FP16), and so
+    does an SDXL-class UNet's sinusoidal time-ids embedding (pixel sizes near 1024, same reason)."""
     from onnxconverter_common import float16
 
-    # top-level ops (timestep broadcast and casts) and the sinusoidal projection
+    # top-level ops (timestep broadcast and casts) and the sinusoidal projections
     keep = [n.name for n in model.graph.node
-            if "/time_proj/" in n.name or (n.name.startswith("/unet/") and n.name.count("/") == 2)]
+            if "/time_proj/" in n.name or "/add_time_proj/" in n.name
+            or (n.name.startswith("/unet/") and n.name.count("/") == 2)]
     src = onnx.ModelProto()
     src.CopyFrom(model)
     del src.graph.value_info[:]  # stale FP32 types would contradict the converted Casts
@@ -136,8 +138,11 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
                           "export with --target onnxruntime-cpu")
     plan = build_plan(q.loaded.unet)
     calls = record_calls(q.eps_model(), q.loaded, steps=steps, n=n_calib, seed=seed, cond=cond, null_cond=null)
+    from saq_deploy.models.eps_model import AddedCond
+
     cond_name = COND_INPUTS.get(q.loaded.kind)
-    feeds = [c.feed(cond_name) for c in calls]
+    added = AddedCond.of(q.loaded.unet.config) if q.loaded.kind == "text" else None
+    feeds = [c.feed(cond_name, added) for c in calls]
     root = artifact / EXPORT_DIR
     root.mkdir(exist_ok=True)
     out = {}

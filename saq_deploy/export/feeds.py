@@ -19,12 +19,18 @@ class Call:
     sampler: str
     step: int
 
-    def feed(self, cond_name: str | None) -> dict[str, np.ndarray]:
+    def feed(self, cond_name: str | None, added=None) -> dict[str, np.ndarray]:
+        """Graph inputs by name; ``added`` (an SDXL-class UNet's ``AddedCond``) splits the packed
+        cond into ``encoder_hidden_states``, ``text_embeds`` and ``time_ids``."""
         f = {"sample": self.x.numpy().astype(np.float32), "timestep": self.t.numpy().astype(np.float32)}
         if cond_name == "class_labels":
             f[cond_name] = self.cond.numpy().astype(np.int64)
         elif cond_name == "encoder_hidden_states":
-            f[cond_name] = self.cond.numpy().astype(np.float32)
+            from saq_deploy.models.eps_model import text_kwargs
+
+            kw = text_kwargs(self.cond, added)
+            for name, v in {cond_name: kw[cond_name], **kw.get("added_cond_kwargs", {})}.items():
+                f[name] = np.ascontiguousarray(v.numpy(), dtype=np.float32)
         return f
 
 

@@ -7,8 +7,11 @@ each quantized layer, and because ModelOpt-style INT4 graphs raise the opset aft
 
 Inputs: ``sample`` (B, C, H, W) float32, ``timestep`` (B,) float32 (1-D: a scalar would be baked
 in by tracing), then ``class_labels`` (B,) int64 for class-conditional UNets or
-``encoder_hidden_states`` (B, L, D) float32 for cross-attention UNets. Output: ``eps``. The batch
-is dynamic; H and W are fixed to the model's sample size.
+``encoder_hidden_states`` (B, L, D) float32 for cross-attention UNets, and for SDXL-class ones
+(``addition_embed_type="text_time"``) also ``text_embeds`` (B, E) and ``time_ids`` (B, 6) float32,
+the packed cond's tail (``models.eps_model.AddedCond``) as separate inputs, as diffusers and
+TensorRT's SDXL demos name them. Output: ``eps``. The batch is dynamic; H and W are fixed to the
+model's sample size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from saq_deploy.models.eps_model import TIME_IDS, AddedCond
 
 EXPORT_OPSET = 20  # the legacy exporter's maximum; INT4 graphs are raised to 21 by the Q/DQ pass
 SCOPE_PREFIX = "/unet/"
@@ -30,14 +35,18 @@ class _UNetForExport(torch.nn.Module):
         self.unet = unet
         self.kind = kind
 
-    def forward(self, sample, timestep, cond=None):
+    def forward(self, sample, timestep, cond=None, text_embeds=None, time_ids=None):
         if self.kind == "text":
-            return self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+            added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+            return self.unet(sample, timestep, encoder_hidden_states=cond, added_cond_kwargs=added,
+                             return_dict=False)[0]
         return self.unet(sample, timestep, class_labels=cond, return_dict=False)[0]
 
 
-def input_specs(kind: str, sample_shape: tuple[int, ...], cond_shape: tuple[int, int] | None = None) -> list[dict]:
-    """Name, dtype and shape (``"B"`` = dynamic batch) of each graph input."""
+def input_specs(kind: str, sample_shape: tuple[int, ...], cond_shape: tuple[int, int] | None = None,
+                added: AddedCond | None = None) -> list[dict]:
+    """Name, dtype and shape (``"B"`` = dynamic batch) of each graph input; ``cond_shape``: the
+    cond's (L [+ added.rows], D), packed with ``added`` for an SDXL-class UNet."""
     specs = [{"name": "sample", "dtype": "float32", "shape": ["B", *sample_shape]},
              {"name": "timestep", "dtype": "float32", "shape": ["B"]}]
     if kind == "class":
@@ -45,7 +54,12 @@ def input_specs(kind: str, sample_shape: tuple[int, ...], cond_shape: tuple[int,
     elif kind == "text":
         if cond_shape is None:
             raise ValueError("a cross-attention UNet needs cond_shape=(L, D)")
-        specs.append({"name": "encoder_hidden_states", "dtype": "float32", "shape": ["B", *cond_shape]})
+        length, width = cond_shape
+        length -= 0 if added is None else added.rows
+        specs.append({"name": "encoder_hidden_states", "dtype": "float32", "shape": ["B", length, width]})
+        if added is not None:
+            specs += [{"name": "text_embeds", "dtype": "float32", "shape": ["B", added.text_embeds]},
+                      {"name": "time_ids", "dtype": "float32", "shape": ["B", TIME_IDS]}]
     return specs
 
 
@@ -56,6 +70,8 @@ def example_inputs(specs: list[dict], batch: int = 2, seed: int = 0) -> dict[str
         shape = [batch if d == "B" else d for d in s["shape"]]
         if s["name"] == "timestep":
             out[s["name"]] = torch.linspace(10.0, 900.0, batch)
+        elif s["name"] == "time_ids":  # pixel sizes: what a real call feeds, not noise
+            out[s["name"]] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).expand(batch, -1)
         elif s["dtype"] == "int64":
             out[s["name"]] = torch.arange(batch, dtype=torch.long) % 2
         else:
@@ -66,7 +82,7 @@ def example_inputs(specs: list[dict], batch: int = 2, seed: int = 0) -> dict[str
 def export_unet_onnx(unet: torch.nn.Module, kind: str, sample_shape: tuple[int, ...], path: Path, *,
                      cond_shape: tuple[int, int] | None = None, opset: int = EXPORT_OPSET) -> list[dict]:
     """Write the FP32 UNet as ONNX to ``path``; returns the input specs."""
-    specs = input_specs(kind, sample_shape, cond_shape)
+    specs = input_specs(kind, sample_shape, cond_shape, AddedCond.of(unet.config) if kind == "text" else None)
     inputs = example_inputs(specs)
     names = [s["name"] for s in specs]
     dynamic = {n: {0: "B"} for n in names} | {"eps": {0: "B"}}

@@ -1,7 +1,8 @@
 """Load a diffusion UNet (built-in or a local diffusers folder) with its noise schedule.
 
 Accepted ``--model`` values:
-- ``builtin:digits``: the committed reference model;
+- ``builtin:digits``: the committed reference model; ``builtin:digits-text``: the committed
+  text-to-image pipeline folder (loaded through the same path as any SD-1.x pipeline folder);
 - a diffusers UNet folder (``config.json`` + weights; ``UNet2DModel`` or ``UNet2DConditionModel``)
   with ``scheduler_config.json`` beside it or in ``../scheduler/`` (pipeline layout); its weights
   must match the config key for key (no layer is left randomly initialised);
@@ -22,6 +23,8 @@ from saq_deploy.errors import ConfigError, ModelLoadError
 BUILTINS: dict[str, str] = {
     "digits": "class-conditional DDPM UNet2DModel, 1x16x16, 10 classes + null class for CFG, "
     "trained on scikit-learn's digits",
+    "digits-text": "text-to-image pipeline (UNet2DConditionModel with SD-1.x cross-attention blocks, CLIP "
+    "text encoder and tokenizer), 1x16x16, prompts like 'a bold seven', trained on scikit-learn's digits",
 }
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 MODEL_META_FILE = "saq_model.json"  # optional: {"num_classes": 10, "null_label": 10}
@@ -86,9 +89,9 @@ class LoadedModel:
 
 
 def builtin_dir(name: str) -> Path:
-    from saq_deploy.reference import DIGITS_UNET_DIR
+    from saq_deploy.reference import DIGITS_TEXT_DIR, DIGITS_UNET_DIR
 
-    dirs = {"digits": DIGITS_UNET_DIR}
+    dirs = {"digits": DIGITS_UNET_DIR, "digits-text": DIGITS_TEXT_DIR}
     if name not in dirs:
         raise ConfigError(f"unknown built-in model 'builtin:{name}'; available: "
                           + ", ".join(f"builtin:{k}" for k in BUILTINS))

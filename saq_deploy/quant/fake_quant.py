@@ -18,6 +18,7 @@ from saq_deploy.errors import ConfigError
 from saq_deploy.quant import adaround
 from saq_deploy.quant.config import LayerSpec
 from saq_deploy.quant.quantizer import (
+    act_grad_factor,
     expand_scale,
     fake_quant,
     per_block_scale,
@@ -168,7 +169,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.enabled and self.initialized):
             return x
-        return fake_quant(x, self.step_for(x), self.bits)
+        return fake_quant(x, self.step_for(x), self.bits, act_grad_factor(x, self.bits))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, initialized={self.initialized}, enabled={self.enabled}"

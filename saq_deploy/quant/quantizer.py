@@ -7,7 +7,9 @@ are stored as (out, in // block_size) and expanded with `expand_scale`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -72,6 +74,29 @@ class _FakeQuantLSQ(torch.autograd.Function):
 def lsq_grad_factor(numel: int, bits: int) -> float:
     """LSQ's gradient scale 1 / sqrt(numel * qmax)."""
     return 1.0 / math.sqrt(max(numel, 1) * qrange(bits)[1])
+
+
+_BATCH_SHARE = [1.0]
+
+
+@contextlib.contextmanager
+def batch_share(share: float) -> Iterator[None]:
+    """Data-parallel training (saq_deploy.utils.distributed): this rank sees ``share`` of the global
+    batch. LSQ's 1/sqrt(numel) of an activation step must count the global batch's elements, or each
+    rank's step gradient is 1/sqrt(share) too large and the all-reduced gradient is not the
+    one-process one (measured: 41 % off at share 1/2)."""
+    old = _BATCH_SHARE[0]
+    _BATCH_SHARE[0] = float(share)
+    try:
+        yield
+    finally:
+        _BATCH_SHARE[0] = old
+
+
+def act_grad_factor(x: Tensor, bits: int) -> float | None:
+    """The LSQ factor of an activation ``x`` under :func:`batch_share`; None (the default) otherwise."""
+    share = _BATCH_SHARE[0]
+    return None if share == 1.0 else lsq_grad_factor(round(x.numel() / share), bits)
 
 
 def fake_quant(x: Tensor, scale: Tensor, bits: int, grad_factor: float | None = None) -> Tensor:

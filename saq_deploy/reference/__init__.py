@@ -7,6 +7,7 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DIGITS_UNET_DIR = WEIGHTS_DIR / "digits_unet"
+DIGITS_TEXT_DIR = WEIGHTS_DIR / "digits_text"  # text-to-image pipeline folder (builtin:digits-text)
 DIGITS_CLASSIFIER_PATH = WEIGHTS_DIR / "digits_classifier.safetensors"
 DIGITS_FID_STATS_PATH = WEIGHTS_DIR / "digits_fid_stats.npz"
 

@@ -38,6 +38,13 @@ def _runner(served: ServedModel):
     return run
 
 
+def _header_text(text: str) -> str:
+    """ASCII on one line: warnings may quote a client's prompt (any Unicode, possibly control
+    characters), and header values must be Latin-1 without CR/LF. The JSON body has them verbatim."""
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def _validation_message(errors: list[dict]) -> tuple[int, str, list[dict]]:
     """(status, one sentence, errors without echoed input) for pydantic/FastAPI errors."""
     clean = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
@@ -143,6 +150,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
                                         "reason": served.gate.reason, **served.gate.detail},
                 "samplers": list(get_args(SamplerName)),
                 "cond": {"tokens": served.cond_tokens, "dim": served.cond_dim} if served.kind == "text" else None,
+                "prompts": served.prompts.as_dict() if served.kind == "text" else None,
                 "limits": config.limits(), "batching": batcher.stats.as_dict()}
 
     err = {"model": ErrorResponse}
@@ -156,7 +164,11 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
         if not ok:
             return error(503, f"not ready: {reason}")
         try:
-            plan = plan_request(served, config, req)
+            if req.prompt is not None or req.negative_prompt is not None:
+                # the text encoder runs for a while on the CPU: not on the event loop
+                plan = await run_in_threadpool(plan_request, served, config, req)
+            else:
+                plan = plan_request(served, config, req)
         except Refused as e:
             return error(e.status, e.message)
         accept = request.headers.get("accept", "").lower()
@@ -185,7 +197,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None):
         pngs, width, height, mode = await run_in_threadpool(encode_pngs, images)
         headers = {"X-SAQ-Seed": str(plan.seed)}
         if plan.warnings:
-            headers["X-SAQ-Warning"] = " | ".join(plan.warnings)
+            headers["X-SAQ-Warning"] = _header_text(" | ".join(plan.warnings))
         if want_png:
             if plan.labels is not None:
                 headers["X-SAQ-Label"] = str(plan.labels[0])

@@ -69,14 +69,14 @@ def plan_request(served: ServedModel, config: ServeConfig, req) -> Plan:
     issues = envelope_issues(served.calibrated_for, sampler, steps, spacing)
     if issues and config.strict:
         raise Refused(422, "; ".join(issues) + " (this server runs with --strict)")
-    cond, null, labels = _conditioning(served, config, req)
+    cond, null, labels, text_warnings = _conditioning(served, config, req)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
     from saq_deploy.generate import initial_noise
 
     cfg = float(req.cfg) if served.kind != "uncond" else 1.0
     spec = GenSpec(sampler=sampler, steps=steps, cfg=cfg, spacing=spacing,
                    x_T=initial_noise(served.sample_shape, req.n, seed), cond=cond, null=null)
-    warnings = [f"{i}: quality not validated" for i in issues]
+    warnings = text_warnings + [f"{i}: quality not validated" for i in issues]
     return Plan(spec, labels, seed, warnings, not issues)
 
 
@@ -87,10 +87,12 @@ def _default_steps(cal: dict, config: ServeConfig) -> int:
 
 
 def _conditioning(served: ServedModel, config: ServeConfig, req):
-    """(cond, null, labels) for the model's kind; Refused(422) for inputs the model cannot take."""
+    """(cond, null, labels, warnings) for the model's kind; Refused(422) for inputs it cannot take."""
+    text_given = req.prompt is not None or req.negative_prompt is not None
     if served.kind == "class":
-        if req.embedding is not None or req.negative_embedding is not None:
-            raise Refused(422, "this model is class-conditional: send 'label', not an embedding")
+        if req.embedding is not None or req.negative_embedding is not None or text_given:
+            what = "a prompt" if text_given else "an embedding"
+            raise Refused(422, f"this model is class-conditional: send 'label', not {what}")
         k = served.num_classes or 0
         if req.label is not None and req.label >= k:
             raise Refused(422, f"label {req.label} is outside 0..{k - 1} for this model")
@@ -100,16 +102,21 @@ def _conditioning(served: ServedModel, config: ServeConfig, req):
             labels = torch.arange(req.n, dtype=torch.long) % k
         else:
             labels = torch.full((req.n,), req.label, dtype=torch.long)
-        return labels, None, labels.tolist()
+        return labels, None, labels.tolist(), []
     if req.label is not None:
         raise Refused(422, f"this model is {'unconditional' if served.kind == 'uncond' else 'cross-attention'}: "
                       "'label' does not apply")
     if served.kind == "uncond":
-        if req.embedding is not None or req.negative_embedding is not None:
-            raise Refused(422, "this model is unconditional: 'embedding' does not apply")
-        return None, None, None
+        if req.embedding is not None or req.negative_embedding is not None or text_given:
+            raise Refused(422, f"this model is unconditional: '{'prompt' if text_given else 'embedding'}' "
+                          "does not apply")
+        return None, None, None, []
+    if text_given:
+        return _from_prompts(served, req)
     if req.embedding is None:
-        raise Refused(422, "this model uses cross-attention: send 'embedding' as an (L, D) array of numbers")
+        how = ("'prompt' (text) or 'embedding' as an (L, D) array of numbers" if served.prompts.accepted else
+               f"'embedding' as an (L, D) array of numbers ({served.prompts.reason})")
+        raise Refused(422, f"this model uses cross-attention: send {how}")
     emb = _embedding(served, config, req.embedding, "embedding")
     null = None
     if req.cfg != 1.0:
@@ -120,7 +127,36 @@ def _conditioning(served: ServedModel, config: ServeConfig, req):
         if null.shape != emb.shape:
             raise Refused(422, f"'negative_embedding' has shape {tuple(null.shape)} but 'embedding' has "
                           f"{tuple(emb.shape)}")
-    return emb.unsqueeze(0).expand(req.n, -1, -1).contiguous(), null, None
+    return emb.unsqueeze(0).expand(req.n, -1, -1).contiguous(), null, None, []
+
+
+def _from_prompts(served: ServedModel, req):
+    """Conditioning from text: the prompt (and at cfg != 1 the negative prompt, default "", as
+    diffusers) through the pipeline's text encoder, truncated like diffusers with a warning."""
+    if req.embedding is not None or req.negative_embedding is not None:
+        raise Refused(422, "send either 'prompt' / 'negative_prompt' (text) or 'embedding' / "
+                      "'negative_embedding' (arrays), not both")
+    if req.prompt is None:
+        raise Refused(422, "'negative_prompt' needs 'prompt'")
+    if not served.prompts.accepted:
+        raise Refused(422, f"this model does not take prompts: {served.prompts.reason}")
+    encoder = served.prompts.encoder
+    warnings = []
+    emb, cut = encoder.encode(req.prompt)
+    _warn_cut(warnings, "prompt", cut, encoder.max_length)
+    null = None
+    if req.cfg != 1.0:
+        null, cut = encoder.encode(req.negative_prompt or "")
+        _warn_cut(warnings, "negative_prompt", cut, encoder.max_length)
+    elif req.negative_prompt is not None:  # diffusers also ignores it without guidance
+        warnings.append("'negative_prompt' is unused at cfg=1 (no classifier-free guidance)")
+    return emb.unsqueeze(0).expand(req.n, -1, -1).contiguous(), null, None, warnings
+
+
+def _warn_cut(warnings: list[str], name: str, cut: tuple[int, str] | None, max_length: int) -> None:
+    if cut is not None:
+        warnings.append(f"'{name}' is {cut[0]} tokens, longer than the tokenizer's maximum {max_length}: "
+                        f"truncated to '{cut[1]}'")
 
 
 def _embedding(served: ServedModel, config: ServeConfig, rows: list[list[float]], name: str) -> torch.Tensor:

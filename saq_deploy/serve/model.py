@@ -18,6 +18,7 @@ import torch
 
 from saq_deploy.backends.registry import BACKENDS, get_backend
 from saq_deploy.errors import ConfigError, ModelLoadError
+from saq_deploy.serve.text import NO_PROMPTS, PromptSupport, load_prompt_support
 
 SERVE_BACKENDS = (*BACKENDS, "torch")  # torch: the artifact's fake-quant PyTorch model, no engine
 GATE_FILE = "parity.json"
@@ -70,6 +71,8 @@ class ServedModel:
     calibrated_for: dict | None = None
     gate: Gate = field(default_factory=lambda: Gate(False, True, "no gate needed"))
     info: dict = field(default_factory=dict)
+    prompts: PromptSupport = NO_PROMPTS  # cross-attention models: whether requests may send text
+    decode: Callable | None = None  # the pipeline's VAE decode (latents -> images), None: samples are images
 
     def capacity(self, cfg: float, max_batch: int) -> int:
         """Images per engine run for requests at guidance ``cfg`` (CFG doubles the UNet rows)."""
@@ -96,6 +99,8 @@ class ServedModel:
         with torch.inference_mode():
             images, _ = generate(self.eps_model, self.schedule, self.sample_shape, settings,
                                  num_classes=self.num_classes, null_label=null, cond=cond, x_T=x_T)
+            if self.decode is not None:  # a latent pipeline: clients get images, not latents
+                images = self.decode(images)
         return list(images.clamp(-1, 1).split([s.n for s in specs]))
 
 
@@ -156,10 +161,12 @@ def load_served(artifact: str | Path, backend: str = "onnxruntime", *, engine: s
     cond_tokens, cond_dim = _engine_cond_shape(eng.manifest)
     info = _info(eng.meta, am, backend, get_backend(backend).runtime_version(eng.manifest))
     info["engine"].update(max_batch=eng.max_batch, files=dict(eng.manifest.get("files", {})))
+    prompts = _prompt_support(eng, cond_tokens, cond_dim)
+    decode = _decoder(eng, info)
     return ServedModel(eng.eps_model(), eng.schedule(), eng.sample_shape, eng.kind, backend,
                        num_classes=eng.num_classes, null_label=eng.null_label, engine_max_batch=eng.max_batch,
                        cond_tokens=cond_tokens, cond_dim=cond_dim, calibrated_for=eng.meta.get("calibrated_for"),
-                       gate=check_gate(engine_dir, eng.manifest), info=info)
+                       gate=check_gate(engine_dir, eng.manifest), info=info, prompts=prompts, decode=decode)
 
 
 def _load_torch(artifact: Path, am: dict) -> ServedModel:
@@ -178,10 +185,35 @@ def from_loaded(loaded, eps_model: Callable, *, backend: str = "torch", artifact
             "source_hash": loaded.source_hash, "calibrated_for": am.get("calibrated_for")}
     cond_dim = loaded.unet.config.get("cross_attention_dim") if loaded.kind == "text" else None
     gate = gate or Gate(False, True, "torch backend: the artifact's fake-quant model (no engine, no gate)")
+    info = _info(meta, am, backend, torch.__version__)
     return ServedModel(eps_model, loaded.schedule(), tuple(loaded.sample_shape), loaded.kind, backend,
                        num_classes=loaded.num_classes, null_label=loaded.null_label, cond_dim=cond_dim,
-                       calibrated_for=am.get("calibrated_for"), gate=gate,
-                       info=_info(meta, am, backend, torch.__version__))
+                       calibrated_for=am.get("calibrated_for"), gate=gate, info=info,
+                       prompts=_prompt_support(loaded, None, cond_dim), decode=_decoder(loaded, info))
+
+
+def _prompt_support(model, cond_tokens: int | None, cond_dim: int | None) -> PromptSupport:
+    """Load the text encoder now, once, not per request (a LoadedModel or an Engine)."""
+    if model.kind != "text":
+        return NO_PROMPTS
+    from saq_deploy.prompt_inputs import source_spec
+
+    return load_prompt_support(source_spec(model), cond_tokens=cond_tokens, cond_dim=cond_dim)
+
+
+def _decoder(model, info: dict) -> Callable | None:
+    """The VAE decode of the model's pipeline (found as ``sample`` finds it); records the image shape."""
+    from saq_deploy.api import decoder_for
+
+    _, decode = decoder_for(model)
+    shape = list(model.sample_shape)
+    if decode is not None:
+        vae = getattr(model, "vae", None)
+        vae = decode.vae if vae is None else vae  # an engine's decode is a VaeDecoder; a LoadedModel has .vae
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = [int(vae.config.out_channels), shape[-2] * f, shape[-1] * f]
+    info["model"].update(decoded_by_vae=decode is not None, image_shape=shape)
+    return decode
 
 
 def _engine_cond_shape(manifest: dict) -> tuple[int | None, int | None]:

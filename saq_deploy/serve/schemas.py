@@ -17,6 +17,9 @@ from saq_deploy.serve.config import HARD_MAX_CFG, HARD_MAX_N, HARD_MAX_STEPS
 SamplerName = Literal["ddim", "plms", "dpm-solver-2", "dpmpp-2m", "unipc"]
 SpacingName = Literal["leading", "trailing", "linspace", "quadratic", "logsnr"]
 MAX_SEED = 2**63 - 1
+# far above any tokenizer's maximum (CLIP: 77 tokens, a few hundred characters): longer prompts are
+# truncated with a warning as diffusers does; this cap only bounds the tokenizer's work per request
+MAX_PROMPT_CHARS = 4096
 
 
 class GenerateRequest(BaseModel):
@@ -25,6 +28,13 @@ class GenerateRequest(BaseModel):
 
     label: int | None = Field(None, ge=0, description="Class label (class-conditional models). "
                               "Omitted: labels cycle 0, 1, 2, ... over the n images.")
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="Cross-attention models whose pipeline has a "
+        "tokenizer and text encoder (/v1/model prompts.accepted): the prompt, encoded by the server. "
+        "Longer than the tokenizer's maximum: truncated, with a warning. Exclusive with 'embedding'.")
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="With 'prompt', cfg != 1: the negative prompt "
+        "(classifier-free guidance's unconditional input). Omitted: the empty prompt, as diffusers.")
     embedding: list[list[float]] | None = Field(
         None, description="Cross-attention models: the prompt embedding as an (L, D) array of numbers "
         "(L tokens of width D, as /v1/model reports). Never a path.")

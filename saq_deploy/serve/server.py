@@ -96,5 +96,10 @@ def run_server(artifact: str | Path, *, backend: str = "onnxruntime", engine: st
     echo(f"slow clients: headers within {config.header_timeout_s:g} s, body within {config.body_timeout_s:g} s "
          f"(then 408); at most {config.max_in_flight} requests in flight (then 503; /healthz and /readyz "
          f"exempt); {open_files_line()}")
+    if served.kind == "text":
+        p = served.prompts
+        echo(f"prompts: {'accepted' if p.accepted else 'NOT accepted'}: {p.reason}" + (f" ({p.detail})" if p.detail else ""))
+    if info["model"].get("decoded_by_vae"):
+        echo(f"samples are decoded by the pipeline's VAE: images {info['model']['image_shape']}")
     app = create_app(served, config)
     uvicorn.Server(uvicorn_config(app, config, host=host, port=port, log_level=log_level)).run()

@@ -82,6 +82,10 @@ def a_file(rel: str):
     return lambda tmp: (tmp / rel).write_text("x")
 
 
+def a_text(rel: str, text: str):
+    return lambda tmp: (tmp / rel).write_text(text)
+
+
 def a_folder(rel: str):
     return lambda tmp: (tmp / rel).mkdir(parents=True)
 

@@ -6,8 +6,6 @@ them (pad to max length, truncate, last hidden state), for the stored embedding 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,46 +13,21 @@ from saq_deploy.calibrate.artifact import load_artifact
 from saq_deploy.calibrate.recipe import Recipe
 from saq_deploy.calibrate.run import calibrate
 from saq_deploy.cli.app import main
-from tests.helpers import LDM_SCHEDULE, tiny_unet_cond
+from tests.helpers import LDM_SCHEDULE, TEXT_MAX_LEN, encode_text, tiny_text_pipeline
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 TINY = {"calibration.num_samples": 3, "calibration.steps": 2, "calibration.method": "minmax"}
-MAX_LEN = 8
+MAX_LEN = TEXT_MAX_LEN
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    root = tmp_path_factory.mktemp("sd") / "pipe"
-    src = root.parent / "vocab"
-    src.mkdir()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (src / "vocab.json").write_text(json.dumps(vocab))
-    (src / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"),
-                  model_max_length=MAX_LEN).save_pretrained(root / "tokenizer")
-    torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0,
-                                 eos_token_id=1, pad_token_id=1)).save_pretrained(root / "text_encoder")
-    tiny_unet_cond().save_pretrained(root / "unet", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000, **LDM_SCHEDULE).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return root
+    return tiny_text_pipeline(tmp_path_factory.mktemp("sd") / "pipe", schedule=LDM_SCHEDULE)
 
 
 def _encode(root, texts):
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    ids = tok(texts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return CLIPTextModel.from_pretrained(root / "text_encoder")(ids).last_hidden_state
+    return encode_text(root, texts)
 
 
 def test_prompts_are_encoded_by_the_pipelines_text_encoder(pipeline, tmp_path, capsys):

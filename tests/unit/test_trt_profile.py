@@ -131,3 +131,24 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_profile(write(tmp_path, "[batch]\nmin = 4\nopt = 2\n"))
     assert "\n" not in str(e.value)
+
+
+def test_sdxl_profile_shapes_the_added_conditioning_inputs():
+    p = load_profile(PROFILES / "sdxl_1024.toml")
+    assert p.sample == (4, 128, 128) and p.encoder_hidden_states == (77, 2048)
+    assert p.text_embeds == (1280,) and p.time_ids == (6,) and p.batches == (2, 2, 8)
+    inputs = [{"name": "sample", "shape": ["B", 4, 128, 128]}, {"name": "timestep", "shape": ["B"]},
+              {"name": "encoder_hidden_states", "shape": ["B", 77, 2048]},
+              {"name": "text_embeds", "shape": ["B", 1280]}, {"name": "time_ids", "shape": ["B", 6]}]
+    shapes = resolve_shapes(p, inputs, {"sample_shape": [4, 128, 128]})
+    assert shapes["text_embeds"] == {"min": [2, 1280], "opt": [2, 1280], "max": [8, 1280]}
+    assert shapes["time_ids"] == {"min": [2, 6], "opt": [2, 6], "max": [8, 6]}
+    assert p.to_dict()["text_embeds"] == [1280] and p.to_dict()["time_ids"] == [6]
+    inputs[3]["shape"] = ["B", 1024]  # another pooled width: another model
+    with pytest.raises(ConfigError, match=r"profile 'sdxl_1024' is for text_embeds \[1280\].*\[1024\]"):
+        resolve_shapes(p, inputs, {"sample_shape": [4, 128, 128]})
+    sd15 = [i for i in inputs if i["name"] not in ("text_embeds", "time_ids")]  # an SD-1.5 export
+    with pytest.raises(ConfigError, match=r"sets shapes.text_embeds but this model has no SDXL-class"):
+        resolve_shapes(p, sd15, {"sample_shape": [4, 128, 128]})
+    with pytest.raises(ConfigError, match=r"shapes.time_ids must be a list of 1 positive integers"):
+        profile_from_dict({"shapes": {"time_ids": [2, 3]}})
