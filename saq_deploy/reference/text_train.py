@@ -15,8 +15,6 @@ a diffusers pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/,
 from __future__ import annotations
 
 import json
-import math
-import platform
 import shutil
 import tempfile
 import time
@@ -35,6 +33,14 @@ from saq_deploy.reference.text_data import (
     prompt_choices,
     tokenize,
     write_tokenizer,
+)
+from saq_deploy.reference.training import (
+    deterministic_algorithms,
+    ema_update,
+    environment_fields,
+    loss_fields,
+    recent_loss,
+    warmup_cosine_lr,
 )
 
 TEXT_WIDTH = 64  # text encoder hidden size = the UNet's cross_attention_dim
@@ -89,12 +95,8 @@ def build_scheduler(num_train_timesteps: int = 1000):
 def train_text_reference(out_dir: Path, config: TextTrainConfig = TextTrainConfig(), *,
                          progress: bool = True) -> dict:
     """Train and write the pipeline folder to ``out_dir`` (atomically). Returns the training log."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         return _train(Path(out_dir), config, progress)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _prompt_sampler(images, labels, thresholds, config, gen):
@@ -161,12 +163,6 @@ def _loop(unet, text, ema_unet, ema_text, ids, images, labels, thresholds, confi
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     draw, _ = _prompt_sampler(images, labels, thresholds, config, gen)
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return config.lr * (step + 1) / config.warmup
-        frac = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * frac))
-
     losses: list[float] = []
     t0 = time.perf_counter()
     with progress_for(progress, "train-text-reference") as bar:
@@ -179,33 +175,24 @@ def _loop(unet, text, ema_unet, ema_text, ids, images, labels, thresholds, confi
             a = acp[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = warmup_cosine_lr(step, lr=config.lr, warmup=config.warmup, steps=config.steps)
             states = text(ids[prompt_rows]).last_hidden_state
             loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=states).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for ema, live in ((ema_unet, unet), (ema_text, text)):
-                    for pe, p in zip(ema.parameters(), live.parameters()):
-                        pe.lerp_(p, 1 - decay)
+            ema_update([(ema_unet, unet), (ema_text, text)], step, config.ema_decay)
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
-                recent = sum(losses[-200:]) / len(losses[-200:])
-                task.update(completed=step + 1, description=f"train loss {recent:.4f}")
+                task.update(completed=step + 1, description=f"train loss {recent_loss(losses):.4f}")
     return {
         "config": asdict(config),
         "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
                        "text_encoder": sum(p.numel() for p in text.parameters())},
-        "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
-        "loss_every_100": [sum(losses[i: i + 100]) / len(losses[i: i + 100]) for i in range(0, len(losses), 100)],
+        **loss_fields(losses),
         "wall_time_s": time.perf_counter() - t0,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "data": "sklearn.datasets.load_digits, all 1797 images, bilinear 8x8->16x16, scaled to [-1, 1]",
+        **environment_fields(),
     }
 
 

@@ -6,8 +6,6 @@ weights are saved as a standard diffusers folder (config.json + safetensors + sc
 from __future__ import annotations
 
 import json
-import math
-import platform
 import shutil
 import tempfile
 import time
@@ -18,6 +16,14 @@ import torch
 
 from saq_deploy.reference import NULL_LABEL, NUM_CLASSES
 from saq_deploy.reference.data import IMAGE_SIZE, load_digits_16
+from saq_deploy.reference.training import (
+    deterministic_algorithms,
+    ema_update,
+    environment_fields,
+    loss_fields,
+    recent_loss,
+    warmup_cosine_lr,
+)
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,8 @@ def build_scheduler(num_train_timesteps: int = 1000):
 
 def train_reference(out_dir: Path, config: TrainConfig = TrainConfig(), *, progress: bool = True) -> dict:
     """Train and write a diffusers UNet folder to ``out_dir`` (atomically). Returns the training log."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         return _train(Path(out_dir), config, progress)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
@@ -80,12 +82,6 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
     sched = build_scheduler(config.num_train_timesteps)
     acp = sched.alphas_cumprod.float()
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return config.lr * (step + 1) / config.warmup
-        frac = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * frac))
 
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -103,31 +99,23 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
             a = acp[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = warmup_cosine_lr(step, lr=config.lr, warmup=config.warmup, steps=config.steps)
             loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=y).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p, 1 - decay)
+            ema_update([(ema, unet)], step, config.ema_decay)
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
-                recent = sum(losses[-200:]) / len(losses[-200:])
-                task.update(completed=step + 1, description=f"train loss {recent:.4f}")
+                task.update(completed=step + 1, description=f"train loss {recent_loss(losses):.4f}")
     wall = time.perf_counter() - t0
     log = {
         "config": asdict(config),
         "parameters": sum(p.numel() for p in unet.parameters()),
-        "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
-        "loss_every_100": [sum(losses[i : i + 100]) / len(losses[i : i + 100]) for i in range(0, len(losses), 100)],
+        **loss_fields(losses),
         "wall_time_s": wall,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "data": "sklearn.datasets.load_digits, all 1797 images, bilinear 8x8->16x16, scaled to [-1, 1]",
+        **environment_fields(),
     }
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent if out_dir.parent.exists() else None))
     ema.save_pretrained(tmp, safe_serialization=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -33,3 +35,34 @@ def test_training_is_reproducible(tmp_path):
     assert c["final_loss_mean_last_200"] != a["final_loss_mean_last_200"]
     m = load_model(str(tmp_path / "a"))  # a standard diffusers folder our loader accepts
     assert m.null_label == 10 and json.loads((tmp_path / "a" / "training_log.json").read_text())["config"]["steps"] == 3
+
+
+def test_warmup_cosine_schedule_matches_its_closed_form():
+    from saq_deploy.reference.training import warmup_cosine_lr
+
+    lr, warmup, steps = 1e-3, 4, 12
+    got = [warmup_cosine_lr(s, lr=lr, warmup=warmup, steps=steps) for s in range(steps)]
+    want = [lr * (s + 1) / warmup if s < warmup else lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+            for s in range(steps)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got[0] == lr / warmup and got[warmup - 1] == got[warmup] == lr  # warmup ends at the peak, no jump
+    assert got[warmup + (steps - warmup) // 2] == pytest.approx(lr / 2) and 0 < got[-1] < got[-2]
+
+
+def test_ema_update_ramps_its_decay_and_moves_every_pair():
+    from saq_deploy.reference.training import deterministic_algorithms, ema_update
+
+    ema, live = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    ema2, live2 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    for m, v in ((ema, 0.0), (live, 1.0), (ema2, 2.0), (live2, 4.0)):
+        torch.nn.init.constant_(m.weight, v)
+    ema_update([(ema, live), (ema2, live2)], step=0, max_decay=0.999)  # step 0: decay min(0.999, 1/10)
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9)) and torch.allclose(ema2.weight, torch.tensor([[3.8]]))
+    assert torch.equal(live.weight, torch.ones(2, 2))  # the live model is only read
+    ema_update([(ema, live)], step=10**6, max_decay=0.5)  # late steps: capped at max_decay
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.95))
+    before = torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError), deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled()
+        raise RuntimeError
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored even on error
