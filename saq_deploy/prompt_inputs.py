@@ -163,8 +163,7 @@ def prompt_inputs(model, n: int, *, prompts: list[str] | None = None, negative_p
     from saq_deploy.models.text_encoder import TextEncoder, pipeline_root
 
     encoder = TextEncoder(pipeline_root(spec))
-    warnings = [f"prompt {i + 1} is {k} tokens, longer than the tokenizer's maximum {encoder.max_length}: "
-                f"truncated to '{kept}'" for i, k, kept in encoder.truncated(prompts)]
+    warnings = encoder.truncation_warnings(prompts)  # the caller prints them (sample) or returns them
     table = encoder.table(prompts, "" if negative_prompt is None else negative_prompt, warn=False)
     p = len(prompts)
     return PromptInputs(table[torch.arange(n) % p].contiguous(), table[p:p + 1], prompts, source, warnings)

@@ -21,6 +21,12 @@ INSTALL_HINT = "pip install 'saq-deploy[text]' (transformers)"
 PRECOMPUTED_HINT = "give precomputed embeddings instead (recipe prompts.embeddings_file, sample --cond-file)"
 
 
+def truncation_warning(name: str, tokens: int, max_length: int, kept: str) -> str:
+    """The one wording of the over-long prompt warning, for calibrate, sample and the server alike
+    (``name`` says which prompt: "prompt 3", "'negative_prompt'")."""
+    return f"{name} is {tokens} tokens, longer than the tokenizer's maximum {max_length}: truncated to '{kept}'"
+
+
 def pipeline_root(spec: str) -> Path:
     """The pipeline folder whose ``tokenizer/`` and ``text_encoder/`` encode the prompts."""
     from saq_deploy.models.loading import builtin_dir, resolve_unet_dir
@@ -77,6 +83,11 @@ class TextEncoder:
                 out.append((i, n, kept))
         return out
 
+    def truncation_warnings(self, prompts: list[str]) -> list[str]:
+        """One warning per prompt the tokenizer will cut (diffusers' pipelines truncate and warn too)."""
+        return [truncation_warning(f"prompt {i + 1}", n, self.max_length, kept)
+                for i, n, kept in self.truncated(prompts)]
+
     def __call__(self, texts: list[str]) -> Tensor:
         """(len(texts), L, D) float32 last hidden states, padded to ``max_length`` as diffusers does."""
         ids = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
@@ -87,9 +98,8 @@ class TextEncoder:
     def table(self, prompts: list[str], negative: str, *, warn: bool = True) -> Tensor:
         """(P + 1, L, D): the prompts' encoder states, then the negative prompt's (CFG's null row)."""
         if warn:
-            for i, n, kept in self.truncated(prompts):  # diffusers' pipelines truncate and warn too
-                print(f"warning: prompt {i + 1} is {n} tokens, longer than the tokenizer's maximum "
-                      f"{self.max_length}: truncated to '{kept}'", file=sys.stderr)
+            for w in self.truncation_warnings(prompts):
+                print(f"warning: {w}", file=sys.stderr)
         return self([*prompts, negative])
 
 

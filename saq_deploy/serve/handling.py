@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saq_deploy.models.text_encoder import truncation_warning
 from saq_deploy.serve.config import ServeConfig
 from saq_deploy.serve.model import GenSpec, ServedModel
 
@@ -155,8 +156,7 @@ def _from_prompts(served: ServedModel, req):
 
 def _warn_cut(warnings: list[str], name: str, cut: tuple[int, str] | None, max_length: int) -> None:
     if cut is not None:
-        warnings.append(f"'{name}' is {cut[0]} tokens, longer than the tokenizer's maximum {max_length}: "
-                        f"truncated to '{cut[1]}'")
+        warnings.append(truncation_warning(f"'{name}'", cut[0], max_length, cut[1]))
 
 
 def _embedding(served: ServedModel, config: ServeConfig, rows: list[list[float]], name: str) -> torch.Tensor:

@@ -84,3 +84,18 @@ def test_empty_prompts_file_and_missing_text_encoder_are_one_line(pipeline, tmp_
     shutil.copytree(pipeline, bare, ignore=shutil.ignore_patterns("text_encoder"))
     err = _one_line_error(tmp_path, capsys, f'[model]\nspec = "{bare}"\n[prompts]\nprompts = ["a"]\n')
     assert "no text_encoder/" in err and "embeddings_file" in err, err
+
+
+def test_sample_and_calibrate_word_the_truncation_warning_alike(pipeline, capsys):
+    """`sample --prompt` returns the warnings for its caller to print; calibration's table prints
+    them: one wording, from one place, and only the over-long prompt is named."""
+    from saq_deploy.models.loading import load_model
+    from saq_deploy.models.text_encoder import TextEncoder
+    from saq_deploy.prompt_inputs import prompt_inputs
+
+    prompts = ["abc", "abcdefghijk"]  # 5 tokens fit; 13 do not (kept: bos + 6 letters + eos)
+    got = prompt_inputs(load_model(str(pipeline)), 2, prompts=prompts)
+    assert got.warnings == ["prompt 2 is 13 tokens, longer than the tokenizer's maximum 8: truncated to 'abcdef'"]
+    assert capsys.readouterr().err == ""  # not printed here as well: sample prints them once
+    TextEncoder(pipeline).table(prompts, "")
+    assert capsys.readouterr().err == f"warning: {got.warnings[0]}\n"
