@@ -39,7 +39,10 @@ from saq_deploy.reference.training import (
     ema_update,
     environment_fields,
     loss_fields,
+    noised,
+    optimizer_step,
     recent_loss,
+    run_from_argv,
     warmup_cosine_lr,
 )
 
@@ -170,18 +173,11 @@ def _loop(unet, text, ema_unet, ema_text, ids, images, labels, thresholds, confi
         for step in range(config.steps):
             idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
             x0, prompt_rows = images[idx], draw(idx)
-            t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            a = acp[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            for g in opt.param_groups:
-                g["lr"] = warmup_cosine_lr(step, lr=config.lr, warmup=config.warmup, steps=config.steps)
+            xt, t, noise = noised(x0, acp, config.num_train_timesteps, gen)
             states = text(ids[prompt_rows]).last_hidden_state
             loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=states).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params,
+                           warmup_cosine_lr(step, lr=config.lr, warmup=config.warmup, steps=config.steps))
             ema_update([(ema_unet, unet), (ema_text, text)], step, config.ema_decay)
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
@@ -218,12 +214,6 @@ def _write_pipeline_files(root: Path, thresholds: list[float], log: dict) -> Non
 
 
 if __name__ == "__main__":
-    import sys
-
     from saq_deploy.reference import DIGITS_TEXT_DIR
 
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else TextTrainConfig.steps
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else DIGITS_TEXT_DIR
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = train_text_reference(out, TextTrainConfig(steps=steps))
-    print(json.dumps({k: v for k, v in result.items() if k != "loss_every_100"}, indent=2))
+    run_from_argv(train_text_reference, TextTrainConfig, DIGITS_TEXT_DIR)

@@ -21,7 +21,10 @@ from saq_deploy.reference.training import (
     ema_update,
     environment_fields,
     loss_fields,
+    noised,
+    optimizer_step,
     recent_loss,
+    run_from_argv,
     warmup_cosine_lr,
 )
 
@@ -81,7 +84,8 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
     ema.requires_grad_(False)
     sched = build_scheduler(config.num_train_timesteps)
     acp = sched.alphas_cumprod.float()
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -94,17 +98,10 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
             x0, y = images[idx], labels[idx].clone()
             drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout
             y[drop] = NULL_LABEL
-            t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            a = acp[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            for g in opt.param_groups:
-                g["lr"] = warmup_cosine_lr(step, lr=config.lr, warmup=config.warmup, steps=config.steps)
+            xt, t, noise = noised(x0, acp, config.num_train_timesteps, gen)
             loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=y).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params,
+                           warmup_cosine_lr(step, lr=config.lr, warmup=config.warmup, steps=config.steps))
             ema_update([(ema, unet)], step, config.ema_decay)
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
@@ -131,12 +128,6 @@ def _train(out_dir: Path, config: TrainConfig, progress: bool) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     from saq_deploy.reference import DIGITS_UNET_DIR
 
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else TrainConfig.steps
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else DIGITS_UNET_DIR
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = train_reference(out, TrainConfig(steps=steps))
-    print(json.dumps({k: v for k, v in result.items() if k != "loss_every_100"}, indent=2))
+    run_from_argv(train_reference, TrainConfig, DIGITS_UNET_DIR)

@@ -1,6 +1,6 @@
 """What the two reference trainers (``train.py``: builtin:digits, ``text_train.py``:
-builtin:digits-text) share: the learning-rate schedule, the EMA update, deterministic algorithms
-and the loss/environment fields of the training log.
+builtin:digits-text) share: the learning-rate schedule, the EMA update, deterministic algorithms,
+the forward-noising and optimizer step, and the training log's loss/environment fields.
 
 The committed weights were produced by these functions, so each must keep computing exactly what
 it computes now (same float operations in the same order): a change here changes both models."""
@@ -11,6 +11,7 @@ import math
 import platform
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,27 @@ def warmup_cosine_lr(step: int, *, lr: float, warmup: int, steps: int) -> float:
         return lr * (step + 1) / warmup
     frac = (step - warmup) / max(1, steps - warmup)
     return lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, num_train_timesteps: int,
+           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, noise): DDPM's forward process at uniform random timesteps (t drawn before the noise,
+    from the one data-order generator, so the draw order is part of the seed's meaning)."""
+    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
+                   lr: float) -> None:
+    """One optimizer step at ``lr``, the gradient norm clipped to 1 (what the committed weights used)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -50,6 +72,18 @@ def deterministic_algorithms() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def run_from_argv(train, config_cls, default_out: Path) -> None:
+    """``python -m saq_deploy.reference.<trainer> [STEPS] [OUT]``: train, print the log's summary."""
+    import json
+    import sys
+
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else config_cls.steps
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = train(out, config_cls(steps=steps))
+    print(json.dumps({k: v for k, v in result.items() if k != "loss_every_100"}, indent=2))
 
 
 def recent_loss(losses: list[float], window: int = 200) -> float:

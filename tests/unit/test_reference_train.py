@@ -66,3 +66,16 @@ def test_ema_update_ramps_its_decay_and_moves_every_pair():
         assert torch.are_deterministic_algorithms_enabled()
         raise RuntimeError
     assert torch.are_deterministic_algorithms_enabled() == before  # restored even on error
+
+
+def test_noised_draws_timesteps_then_noise_from_the_one_generator():
+    from saq_deploy.reference.train import build_scheduler
+    from saq_deploy.reference.training import noised
+
+    acp = build_scheduler(1000).alphas_cumprod.float()
+    x0 = torch.linspace(-1, 1, 3 * 16).reshape(3, 1, 4, 4)
+    xt, t, noise = noised(x0, acp, 1000, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the draw order is part of what the seed reproduces
+    assert torch.equal(t, torch.randint(0, 1000, (3,), generator=g)) and torch.equal(noise, torch.randn(x0.shape, generator=g))
+    a = acp[t].view(-1, 1, 1, 1)
+    assert torch.allclose(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise)
