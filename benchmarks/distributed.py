@@ -21,20 +21,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.helpers, as bad_inputs.py does
+
+from saq_deploy.utils.versions import cpu_model
+from tests.helpers import digits_recipe
+
 RESULTS = ROOT / "docs" / "results"
-RECIPE = """
-[model]
-spec = "builtin:digits"
-[quant]
-bits = "w8a8"
-[calibration]
-method = "brecq"
-num_samples = {samples}
-steps = 5
-[reconstruction]
-iters = {iters}
-batch_size = {batch}
-"""
 
 
 def child(out: Path, recipe: Path) -> None:
@@ -66,16 +58,6 @@ def child(out: Path, recipe: Path) -> None:
                                                      "block_losses": manifest["block_losses"]}))
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -91,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.toml"
-        recipe.write_text(RECIPE.format(samples=args.samples, iters=args.iters, batch=args.batch))
+        recipe.write_text(digits_recipe("w8a8", "brecq", num_samples=args.samples, steps=5,
+                                        reconstruction={"iters": args.iters, "batch_size": args.batch}))
         for n in args.ranks:
             out = Path(tmp) / f"r{n}"
             out.mkdir()
@@ -114,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         r["max_rel_loss_diff"] = max(abs(a - b) / max(abs(b), 1e-12)
                                      for a, b in zip(r["loss_after"], base["loss_after"], strict=True))
     info = {"command": "OMP_NUM_THREADS=1 python benchmarks/distributed.py " + " ".join(sys.argv[1:]),
-            "machine": f"{_cpu()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+            "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
             "settings": {"method": "brecq", "bits": "w8a8", "num_samples": args.samples, "steps": 5,
                          "iters": args.iters, "batch_size": args.batch, "torch_threads_per_rank": 1},
             "rows": [{k: v for k, v in r.items() if k != "loss_after"} for r in rows]}

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from saq_deploy.utils.versions import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -247,16 +249,6 @@ def summary(res: dict) -> dict:
             "max_lost_s": round(max(lost), 1) if lost else None}
 
 
-def cpu_name() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(data: dict) -> str:
     tot = data["total"]
     met = lambda ok: "**met**" if ok else "**not met**"
@@ -344,7 +336,7 @@ def main() -> None:
     allk = [k for r in out.values() for k in r["kills"] if k["killed"]]
     total = summary({"kills": allk})
     data = {"invocation": "python benchmarks/faults.py " + " ".join(sys.argv[1:]), "seed": args.seed,
-            "machine": f"{cpu_name()}, nproc {len(os.sched_getaffinity(0))} (of {os.cpu_count()} CPUs), {platform.system()} {platform.machine()}, "
+            "machine": f"{cpu_model()}, nproc {len(os.sched_getaffinity(0))} (of {os.cpu_count()} CPUs), {platform.system()} {platform.machine()}, "
                        "OMP_NUM_THREADS=1", "load": load, "total": total, "commands": out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")

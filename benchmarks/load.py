@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from saq_deploy.utils.versions import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "calibration" / "digits_w8a8_minmax.toml"
 PY = sys.executable
@@ -154,12 +156,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     import onnxruntime
     import torch
 

@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -41,19 +40,10 @@ from saq_deploy.export.torch_export import export_unet_onnx
 from saq_deploy.quant import quantize_
 from saq_deploy.quant.config import preset
 from saq_deploy.quant.observers import init_act_steps
+from saq_deploy.utils.versions import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch-fp32", "ort-fp32", "ort-int8", "ort-qstatic")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Model:
@@ -242,7 +232,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {"command": "python benchmarks/speed.py " + " ".join(os.sys.argv[1:]),
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads},
+               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads},
                "versions": __import__("saq_deploy.utils.versions", fromlist=["x"]).package_versions(), "models": {}}
     for name in args.models.split(","):
         m = Model(name)

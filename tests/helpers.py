@@ -171,3 +171,18 @@ def tiny_unet_uncond(*, channels: int = 3, size: int = 8, widths: tuple[int, int
                        block_out_channels=widths, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
                        attention_head_dim=8)
+
+
+def digits_recipe(bits: str, method: str, *, num_samples: int, steps: int, **tables: dict) -> str:
+    """A recipe file's text for builtin:digits, as a user writes one for ``calibrate -c`` (for the
+    tests and benchmarks that go through the CLI; in-process ones use ``Recipe.with_overrides``).
+    ``tables``: further ``[table]`` sections, e.g. ``qlora={"rank": 4, "mixstep": [3]}``."""
+    def value(v) -> str:  # the TOML scalars and arrays recipes use; json's strings are TOML's
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return "[" + ", ".join(map(value, v)) + "]" if isinstance(v, (list, tuple)) else json.dumps(v)
+
+    sections = {"model": {"spec": "builtin:digits"}, "quant": {"bits": bits},
+                "calibration": {"method": method, "num_samples": num_samples, "steps": steps}, **tables}
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items())
+                   for name, keys in sections.items())

@@ -12,31 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
-MINMAX = """
-[model]
-spec = "builtin:digits"
-[quant]
-bits = "w8a8"
-[calibration]
-method = "minmax"
-num_samples = 40
-steps = 3
-"""
-QLORA = """
-[model]
-spec = "builtin:digits"
-[quant]
-bits = "w4a8"
-[calibration]
-method = "sa-qlora"
-num_samples = 4
-steps = 3
-[qlora]
-rank = 4
-epochs = 3
-mixstep = [3]
-batch_size = 4
-"""
+from tests.helpers import digits_recipe  # PYTHONPATH is the repo root (test_distributed.py)
+
+MINMAX = digits_recipe("w8a8", "minmax", num_samples=40, steps=3)
+QLORA = digits_recipe("w4a8", "sa-qlora", num_samples=4, steps=3,
+                      qlora={"rank": 4, "epochs": 3, "mixstep": [3], "batch_size": 4})
 
 
 def cli(*args: str) -> None:

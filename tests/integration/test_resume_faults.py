@@ -16,34 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import digits_recipe
+
 ROOT = Path(__file__).resolve().parents[2]
 # float reductions depend on the thread count: byte-identity is only defined at a fixed one
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-RECIPE = """
-[model]
-spec = "builtin:digits"
-[quant]
-bits = "w8a8"
-[calibration]
-method = "minmax"
-num_samples = 4
-steps = 3
-"""
-QLORA_RECIPE = """
-[model]
-spec = "builtin:digits"
-[quant]
-bits = "w4a8"
-[calibration]
-method = "sa-qlora"
-num_samples = 4
-steps = 3
-[qlora]
-rank = 4
-epochs = 3
-mixstep = [3]
-batch_size = 2
-"""
+RECIPE = digits_recipe("w8a8", "minmax", num_samples=4, steps=3)
+QLORA_RECIPE = digits_recipe("w4a8", "sa-qlora", num_samples=4, steps=3,
+                             qlora={"rank": 4, "epochs": 3, "mixstep": [3], "batch_size": 2})
 # Runs the CLI and SIGKILLs itself at a point too short-lived to hit by timing. cleanup: the moment
 # calibrate starts removing its .partial folder, i.e. right after the artifact was renamed into
 # place. qlora-json: after the epoch-2 checkpoint tensors were written, before their ckpt.json.
@@ -155,7 +135,7 @@ def test_existing_artifact_with_other_recipe_still_refused(recipe, tmp_path):
     out = tmp_path / "out"
     _killed_at("cleanup", _args(recipe, out))
     other = tmp_path / "other.toml"
-    other.write_text(RECIPE.replace("num_samples = 4", "num_samples = 5"))
+    other.write_text(digits_recipe("w8a8", "minmax", num_samples=5, steps=3))
     res = _cli(_args(other, out))
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
