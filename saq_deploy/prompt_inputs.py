@@ -90,18 +90,19 @@ def _pack_added(path, tensors, added, model, n, cond, uncond):
     return cond, uncond
 
 
-def read_prompts_file(path: Path) -> list[str]:
-    """Prompts of a text file, one per line (blank lines skipped)."""
+def read_prompts_file(path: Path, name: str = "--prompts-file") -> list[str]:
+    """Prompts of a text file, one per line (blank lines skipped); ``name`` is how the errors call
+    the file: the sample option, or the recipe key for calibration."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"--prompts-file '{path}' does not exist (one prompt per line)")
+        raise ConfigError(f"{name} '{path}' does not exist (one prompt per line)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--prompts-file '{path}' is not UTF-8 text ({e.reason})") from None
+        raise ConfigError(f"{name} '{path}' is not UTF-8 text ({e.reason})") from None
     prompts = [ln.strip() for ln in lines if ln.strip()]
     if not prompts:
-        raise ConfigError(f"--prompts-file '{path}' holds no prompts (one prompt per line)")
+        raise ConfigError(f"{name} '{path}' holds no prompts (one prompt per line)")
     return prompts
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from saq_deploy.errors import ConfigError
 from saq_deploy.models.eps_model import TIME_IDS
+from saq_deploy.prompt_inputs import read_prompts_file
 
 _SHAPES = "'cond' (P, L, D) prompt embeddings and 'uncond' (1, L, D) for the negative prompt"
 
@@ -213,17 +214,7 @@ def read_prompts(recipe) -> list[str]:
     p = recipe.prompts
     prompts = list(p.prompts)
     if p.prompts_file:
-        path = Path(p.prompts_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"prompts.prompts_file '{path}' does not exist (one prompt per line)")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"prompts.prompts_file '{path}' is not UTF-8 text ({e.reason})") from None
-        from_file = [ln.strip() for ln in lines if ln.strip()]
-        if not from_file:
-            raise ConfigError(f"prompts.prompts_file '{path}' holds no prompts (one prompt per line)")
-        prompts += from_file
+        prompts += read_prompts_file(Path(p.prompts_file), "prompts.prompts_file")
     if not prompts:
         raise ConfigError("[prompts] sets only negative_prompt: give prompts.prompts or prompts.prompts_file")
     return prompts
