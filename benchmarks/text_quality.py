@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--artifact", action="append", default=[], help="NAME=PATH of a calibrated artifact")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/reference-text")
     ap.add_argument("--model", default=MODEL, help="the pipeline (a folder shaped like builtin:digits-text)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into <out>.json (a row of the same model/sampler/steps/seed is replaced)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder for FP32 samples, so a later --append run pairs against them without re-sampling")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     loaded = load_model(args.model)
@@ -123,7 +127,16 @@ def main(argv: list[str] | None = None) -> None:
                 if name != "FP32" and seed != int(args.seeds.split(",")[0]):
                     continue  # quantized rows at the first seed set; FP's second set is its spread
                 t0 = time.perf_counter()
-                images = sample(eps, loaded, table, index, sampler, int(steps), args.cfg, seed, args.n)
+                cached = (args.cache / f"fp32_{sampler}{steps}_seed{seed}_n{args.n}_cfg{args.cfg:g}.pt"
+                          if args.cache is not None and name == "FP32" else None)
+                if cached is not None and cached.exists():  # wall_s then says nothing of sampling cost
+                    images = torch.load(cached, weights_only=True)
+                else:
+                    images = sample(eps, loaded, table, index, sampler, int(steps), args.cfg, seed, args.n)
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(cached) as tmp:
+                            torch.save(images, tmp)
                 row = {"model": name, "sampler": sampler, "steps": int(steps), "seed": seed,
                        **score(images, digits, attrs, thresholds, args.resamples, seed)}
                 if fp_images is None:
@@ -138,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
             "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads, "
                        f"load average at the end {' '.join(load)}",
             "versions": package_versions(), "cfg": args.cfg, "n": args.n, "prompts": prompts}
+    if args.append and args.out.with_suffix(".json").exists():
+        key = lambda r: (r["model"], r["sampler"], r["steps"], r["seed"])
+        new = {key(r) for r in rows}
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        rows = [r for r in old["rows"] if key(r) not in new] + rows
+        meta["command"] = old["meta"]["command"] + "` then `" + meta["command"]
     write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text(render(meta, rows))
@@ -160,7 +179,7 @@ def render(meta: dict, rows: list[dict]) -> str:
              "seeds and prompts; PSNR is per sample against FP, then averaged."), "",
              "| model | sampler | steps | seed | prompt accuracy | attribute accuracy | digit-FID | PSNR vs FP (dB) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["steps"], r["model"] != "FP32", r["model"], r["seed"])):
         psnr = ci(r, "psnr_vs_fp", "{:.2f}") if "psnr_vs_fp" in r else "-"
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['seed']} | "
                      f"{ci(r, 'prompt_accuracy', '{:.3f}')} | {ci(r, 'attribute_accuracy', '{:.3f}')} | "

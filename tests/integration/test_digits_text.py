@@ -117,9 +117,40 @@ def engine_artifact(tmp_path_factory):
         "model.spec": "builtin:digits-text", "calibration.method": "minmax", "calibration.num_samples": 16,
         "calibration.steps": 10, "calibration.cfg": 1.5, "prompts.prompts": PROMPTS})
     calibrate(recipe, art)
-    export_artifact(art, ("onnxruntime-cpu",))
+    export_artifact(art, ("onnxruntime-cpu", "tensorrt"))
     build_engine(art, "onnxruntime")
     return art
+
+
+def _grid_tiles(png, scale: int = 4, pad: int = 2, size: int = 16) -> torch.Tensor:
+    """The samples back from a grid PNG (utils.images.make_grid's layout), in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    grid = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    step = size * scale + pad
+    tiles = [grid[pad + r * step: pad + r * step + size * scale: scale, pad + c * step: pad + c * step + size * scale: scale]
+             for r in range((grid.shape[0] - pad) // step) for c in range((grid.shape[1] - pad) // step)]
+    tiles = [t for t in tiles if t.min() < 255]  # a grid's unused cells are left white
+    return torch.from_numpy(np.stack(tiles))[:, None] / 127.5 - 1
+
+
+def test_the_tensorrt_onnx_of_a_text_unet_passes_the_lint(engine_artifact):
+    _cli(["lint", str(engine_artifact / "onnx" / "tensorrt" / "model.onnx"), "--target", "tensorrt"])
+
+
+def test_engine_draws_sevens_for_a_bold_seven(engine_artifact, tmp_path):
+    """The done-when line of the text path: `sample --engine ... --prompt "a bold seven"` draws
+    sevens (the digit classifier reads the PNG the CLI wrote; blank tiles would read as anything)."""
+    from saq_deploy.eval.features import DigitFeatures
+
+    out = tmp_path / "sevens.png"
+    _cli(["sample", "--engine", str(engine_artifact / "engine"), "--prompt", "a bold seven", "-n", "8",
+          "--steps", "10", "--cfg", "1.5", "--seed", "0", "-o", str(out)])
+    tiles = _grid_tiles(out)
+    assert len(tiles) == 8 and float(tiles.std()) > 0.3
+    pred = DigitFeatures().probs(tiles).argmax(1)
+    assert int((torch.as_tensor(pred) == 7).sum()) >= 7, pred
 
 
 def test_engine_passes_the_parity_gate_and_samples_with_prompts(engine_artifact, tmp_path):
