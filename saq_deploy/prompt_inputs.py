@@ -149,9 +149,6 @@ def prompt_inputs(model, n: int, *, prompts: list[str] | None = None, negative_p
         cond, null = load_cond_file(Path(cond_file), n, model)
         return PromptInputs(cond, null, source="cond-file")
     spec = source_spec(model)
-    if _added_layout(model) is not None and (prompts or calibrated is None):
-        raise ConfigError("prompts for SDXL-class UNets (two text encoders and a pooled embedding) are not encoded "
-                          "here yet: pass --cond-file with 'cond', 'uncond', 'pooled', 'uncond_pooled' embeddings")
     source = "prompts"
     if not prompts:
         if calibrated is not None and calibrated.manifest.get("prompts") and negative_prompt is None:
@@ -161,10 +158,12 @@ def prompt_inputs(model, n: int, *, prompts: list[str] | None = None, negative_p
         if not prompts:
             raise ConfigError("this UNet uses cross-attention: pass --prompt TEXT (repeatable) or --prompts-file, "
                               "or --cond-file with precomputed embeddings")
-    from saq_deploy.models.text_encoder import TextEncoder, pipeline_root
+    from saq_deploy.models.eps_model import default_time_ids
+    from saq_deploy.models.text_encoder import open_text_encoder, pipeline_root
 
-    encoder = TextEncoder(pipeline_root(spec))
+    encoder = open_text_encoder(pipeline_root(spec))
     warnings = encoder.truncation_warnings(prompts)  # the caller prints them (sample) or returns them
-    table = encoder.table(prompts, "" if negative_prompt is None else negative_prompt, warn=False)
+    # None: no negative prompt given (an SDXL pipeline then zeros the null row, as diffusers)
+    table = encoder.table(prompts, negative_prompt, warn=False, time_ids=default_time_ids(model))
     p = len(prompts)
     return PromptInputs(table[torch.arange(n) % p].contiguous(), table[p:p + 1], prompts, source, warnings)

@@ -32,13 +32,11 @@ def tiny_unet_cond():
 TEXT_MAX_LEN = 8  # tokens of tiny_text_pipeline's tokenizer
 
 
-def tiny_text_pipeline(root: Path, *, schedule: dict | None = None) -> Path:
-    """An SD-1.x-layout pipeline folder (unet/ = tiny_unet_cond, text_encoder/ a 1-layer CLIP of width
-    12, tokenizer/ a character-level CLIP BPE with TEXT_MAX_LEN tokens, scheduler/), random weights."""
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_tokenizer(folder: Path) -> int:
+    """A character-level CLIP BPE tokenizer with TEXT_MAX_LEN tokens saved to ``folder``; its vocab size."""
+    from transformers import CLIPTokenizer
 
-    src = root.parent / f"{root.name}-vocab"
+    src = folder.parent.parent / f"{folder.parent.name}-{folder.name}-vocab"  # outside the pipeline folder
     src.mkdir(parents=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":
@@ -46,14 +44,67 @@ def tiny_text_pipeline(root: Path, *, schedule: dict | None = None) -> Path:
     (src / "vocab.json").write_text(json.dumps(vocab))
     (src / "merges.txt").write_text("#version: 0.2\n")
     CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"),
-                  model_max_length=TEXT_MAX_LEN).save_pretrained(root / "tokenizer")
+                  model_max_length=TEXT_MAX_LEN).save_pretrained(folder)
+    return len(vocab)
+
+
+def tiny_clip_config(vocab: int, width: int, layers: int = 1, **kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                          num_attention_heads=2, max_position_embeddings=TEXT_MAX_LEN, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1, **kw)
+
+
+def tiny_text_pipeline(root: Path, *, schedule: dict | None = None) -> Path:
+    """An SD-1.x-layout pipeline folder (unet/ = tiny_unet_cond, text_encoder/ a 1-layer CLIP of width
+    12, tokenizer/ a character-level CLIP BPE with TEXT_MAX_LEN tokens, scheduler/), random weights."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel
+
+    vocab = tiny_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=TEXT_MAX_LEN, bos_token_id=0,
-                                 eos_token_id=1, pad_token_id=1)).save_pretrained(root / "text_encoder")
+    CLIPTextModel(tiny_clip_config(vocab, 12)).save_pretrained(root / "text_encoder")
     tiny_unet_cond().save_pretrained(root / "unet", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=1000, **(schedule or {})).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+SDXL_D, SDXL_E = 32, 16  # tiny_sdxl_unet's cross_attention_dim and pooled (text_embeds) width
+
+
+def tiny_sdxl_unet():
+    """An SDXL-config UNet2DConditionModel (addition_embed_type text_time), widths 32/64, 8x8 latents."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=1,
+                                cross_attention_dim=SDXL_D, attention_head_dim=(2, 4), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=SDXL_E + 6 * 8)
+
+
+def tiny_sdxl_pipeline(root: Path, *, force_zeros: bool = True, unet=None) -> Path:
+    """An SDXL-layout pipeline folder: unet/ (tiny_sdxl_unet), vae/ (tiny_vae, 2x), scheduler/,
+    tokenizer/ + text_encoder/ (CLIPTextModel, width 12), tokenizer_2/ + text_encoder_2/
+    (CLIPTextModelWithProjection, width 20, projection 16): 12 + 20 = the UNet's 32; 2 layers each,
+    so the penultimate hidden state SDXL takes is not the embedding layer's."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab = tiny_tokenizer(root / "tokenizer")
+    tiny_tokenizer(root / "tokenizer_2")
+    torch.manual_seed(0)
+    CLIPTextModel(tiny_clip_config(vocab, 12, 2)).save_pretrained(root / "text_encoder")
+    CLIPTextModelWithProjection(tiny_clip_config(vocab, SDXL_D - 12, 2, projection_dim=SDXL_E)).save_pretrained(
+        root / "text_encoder_2")
+    (unet or tiny_sdxl_unet()).save_pretrained(root / "unet", safe_serialization=True)
+    tiny_vae().save_pretrained(root / "vae", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, **LDM_SCHEDULE).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                       "force_zeros_for_empty_prompt": force_zeros}))
     return root
 
 

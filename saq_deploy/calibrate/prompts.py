@@ -20,7 +20,8 @@ table row then packs its pooled embedding and time ids behind its text states
 
 ``prompts`` / ``prompts_file`` / ``negative_prompt`` instead go through the pipeline's own
 tokenizer and text encoder once (``models.text_encoder``; the negative prompt defaults to the
-empty prompt, as in diffusers), giving the same table.
+empty prompt, as in diffusers), giving the same table; for an SDXL-class pipeline through both its
+text encoders, which also give the pooled rows (no negative prompt: zeros, as diffusers).
 
 Everything here is checked before the model's data are collected: a wrong width, a missing file
 or a missing negative embedding is one ConfigError line and leaves no folder behind."""
@@ -183,9 +184,7 @@ def _with_added(loaded, prompts: PromptTable) -> Tensor:
     if prompts.pooled is None:
         neg = " and 'uncond_pooled' (1, E)" if prompts.null_index is not None else ""
         raise ConfigError(f"this UNet is SDXL-class (addition_embed_type = 'text_time', pooled width E = "
-                          f"{added.text_embeds}): add 'pooled' (P, E){neg} pooled text embeddings to {where}"
-                          + (" (an embeddings file: the text-encoder path has no pooled output)"
-                             if prompts.source == "text_encoder" else ""))
+                          f"{added.text_embeds}): add 'pooled' (P, E){neg} pooled text embeddings to {where}")
     if prompts.pooled.shape[1] != added.text_embeds:
         raise ConfigError(f"{where} holds pooled embeddings of width E = {prompts.pooled.shape[1]}, but this "
                           f"UNet's added conditioning takes E = {added.text_embeds} (projection_class_embeddings_"
@@ -199,14 +198,18 @@ def _encoded_table(recipe) -> PromptTable:
     """The recipe's prompts through the pipeline's own tokenizer + text encoder (models.text_encoder)."""
     import hashlib
 
-    from saq_deploy.models.text_encoder import encode_prompts, pipeline_root, require_transformers
+    from saq_deploy.models.text_encoder import open_text_encoder, pipeline_root, require_transformers
 
     prompts = read_prompts(recipe)
     require_transformers()
-    table = encode_prompts(pipeline_root(recipe.model.spec), prompts, recipe.prompts.negative_prompt)
-    digest = hashlib.sha256(table.numpy().tobytes()).hexdigest()  # the embeddings themselves
+    encoder = open_text_encoder(pipeline_root(recipe.model.spec))
+    encoder.warn(prompts)
+    # a recipe cannot say "no negative prompt" apart from its default "": both are diffusers' None
+    # (an SDXL pipeline's force_zeros_for_empty_prompt then zeros the null row)
+    table, pooled = encoder.encode([*prompts, recipe.prompts.negative_prompt or None])
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (table, pooled) if t is not None)).hexdigest()
     return PromptTable(table=table, count=len(prompts), null_index=len(prompts),
-                       source="text_encoder", source_sha256=digest)
+                       source="text_encoder", source_sha256=digest, pooled=pooled)
 
 
 def read_prompts(recipe) -> list[str]:

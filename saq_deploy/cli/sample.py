@@ -38,7 +38,7 @@ def sample_cmd(
     cond_file: Annotated[Path | None, typer.Option("--cond-file", help="Cross-attention UNets: safetensors with 'cond' (1|N, L, D) and optional 'uncond' embeddings.")] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Text-to-image UNets: a prompt (repeat for several; sample i gets prompt i mod P, one grid column each).")] = None,
     prompts_file: Annotated[Path | None, typer.Option("--prompts-file", help="Text-to-image UNets: prompts, one per line (after any --prompt).")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Text-to-image UNets: what guidance steers away from (default: the empty prompt, as diffusers).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Text-to-image UNets: what guidance steers away from (default, as diffusers: the empty prompt; zeros for an SDXL pipeline with force_zeros_for_empty_prompt).")] = None,
     output: OutputOpt = Path("grid.png"),
     force: ForceOpt = False,
 ) -> None:

@@ -147,7 +147,7 @@ def _from_prompts(served: ServedModel, req):
     _warn_cut(warnings, "prompt", cut, encoder.max_length)
     null = None
     if req.cfg != 1.0:
-        null, cut = encoder.encode(req.negative_prompt or "")
+        null, cut = encoder.encode(req.negative_prompt)  # None: diffusers' default negative
         _warn_cut(warnings, "negative_prompt", cut, encoder.max_length)
     elif req.negative_prompt is not None:  # diffusers also ignores it without guidance
         warnings.append("'negative_prompt' is unused at cfg=1 (no classifier-free guidance)")

@@ -196,9 +196,11 @@ def _prompt_support(model, cond_tokens: int | None, cond_dim: int | None) -> Pro
     """Load the text encoder now, once, not per request (a LoadedModel or an Engine)."""
     if model.kind != "text":
         return NO_PROMPTS
+    from saq_deploy.models.eps_model import default_time_ids
     from saq_deploy.prompt_inputs import source_spec
 
-    return load_prompt_support(source_spec(model), cond_tokens=cond_tokens, cond_dim=cond_dim)
+    return load_prompt_support(source_spec(model), cond_tokens=cond_tokens, cond_dim=cond_dim,
+                               time_ids=default_time_ids(model))
 
 
 def _decoder(model, info: dict) -> Callable | None:

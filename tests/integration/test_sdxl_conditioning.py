@@ -22,24 +22,13 @@ from saq_deploy.calibrate.run import calibrate
 from saq_deploy.cli.app import main
 from saq_deploy.errors import ConfigError
 from saq_deploy.models.eps_model import AddedCond
-from tests.helpers import LDM_SCHEDULE, save_unet_folder, train_briefly
+from tests.helpers import LDM_SCHEDULE, save_unet_folder, tiny_sdxl_unet, train_briefly
 
 pytestmark = pytest.mark.slow
 P, L, D, E = 3, 5, 32, 16  # prompts, tokens, cross_attention_dim, pooled width
 TIME_IDS = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])  # 8x8 latents x SDXL's VAE factor 8
 TINY = {"calibration.num_samples": 16, "calibration.steps": 10, "reconstruction.iters": 4,
         "reconstruction.max_inputs": 32, "reconstruction.batch_size": 8}
-
-
-def tiny_sdxl_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=1,
-                                cross_attention_dim=D, attention_head_dim=(2, 4), addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=E + 6 * 8)
 
 
 @pytest.fixture(scope="module")
