@@ -283,6 +283,12 @@ def _check_unquantized(g: _Graph, n, name: str) -> list[LintIssue]:
     elif n.op_type == "MatMul" and len(n.input) == 2 and g.is_weight(n.input[1]):
         missing = [f"{role} {x!r}" for role, x in (("activation", n.input[0]), ("weight", n.input[1]))
                    if not g.from_dq(x)]
+    elif n.op_type == "MatMul" and len(n.input) == 2:
+        # activation x activation (attention): FP on both sides is a choice (attention_matmul off),
+        # one side only is not: TensorRT's INT8 MHA fusion needs Q/DQ on both inputs
+        from_dq = [g.from_dq(x) for x in n.input]
+        if any(from_dq):
+            missing = [f"activation {x!r}" for x, q in zip(n.input, from_dq, strict=True) if not q]
     if not missing:
         return []
     return [_warn("unquantized-input", name, f"{n.op_type} {' and '.join(missing)} not from a DQ node")]

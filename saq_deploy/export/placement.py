@@ -64,7 +64,7 @@ def read_placement(model: onnx.ModelProto) -> Placement:
         dqs = [n for n in ed.consumers.get(q.output[0], []) if n.op_type == "DequantizeLinear"]
         readers = {n.op_type for dq in dqs for n in ed.consumers.get(dq.output[0], [])}
         if readers and readers <= set(_WEIGHTED):
-            continue  # a calibrated layer input: the fake-quant model has it already
+            continue  # a calibrated layer or attention matmul input: the fake-quant model has it already
         prod = ed.producer.get(src)
         scope = module_scope(prod.name) if prod is not None and prod.op_type in _WITH_BIAS else None
         only_reader = [n.name for n in ed.consumers.get(src, [])] == [q.name]

@@ -1,6 +1,7 @@
 """What the calibrated fake-quant UNet says each exported layer must be: integer weight codes,
-weight scales, activation step. Read straight from the fake-quant modules, so the exported Q/DQ
-graph carries exactly the calibrated numbers."""
+weight scales, activation step, and for Attention modules with matmul quantizers
+(`QuantConfig.attention_matmul`) the steps of q, k, v and the softmax probabilities. Read straight
+from the fake-quant modules, so the exported Q/DQ graph carries exactly the calibrated numbers."""
 
 from __future__ import annotations
 
@@ -26,18 +27,50 @@ class LayerQuant:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class AttentionQuant:
+    name: str  # the diffusers Attention module, e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1
+    head_dim: int  # SDPA's default scale is head_dim ** -0.5 (what QuantAttnProcessor uses)
+    act_bits: int
+    steps: dict[str, float]  # ATTN_QUANTIZERS name -> per-tensor step (timestep groups collapsed)
+    act_groups: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+class ExportPlan(list):
+    """The LayerQuant of every quantized Conv / Linear in module order (a plain list to its callers),
+    plus ``attention``: the AttentionQuant of every Attention module with matmul quantizers."""
+
+    def __init__(self, layers: list[LayerQuant], attention: list[AttentionQuant] | None = None) -> None:
+        super().__init__(layers)
+        self.attention = list(attention or [])
+
+
 def collapse_steps(steps: torch.Tensor) -> float:
     """One static step for several timestep groups: the largest, so no group clips more than it did."""
     return float(steps.detach().float().max())
 
 
-def build_plan(unet: torch.nn.Module) -> list[LayerQuant]:
-    """One LayerQuant per QuantConv2d / QuantLinear, in module order."""
+def _attention_plan(unet: torch.nn.Module) -> list[AttentionQuant]:
+    from saq_deploy.quant.attention import ATTN_QUANTIZERS, attention_quant_modules
+
+    out = []
+    for name, attn in attention_quant_modules(unet).items():
+        quants = {qn: getattr(attn, qn) for qn in ATTN_QUANTIZERS}
+        if not all(q.enabled and q.initialized for q in quants.values()):
+            raise ConfigError(f"attention '{name}' has a disabled or uninitialized matmul quantizer; calibrate first")
+        groups = quants["q_quant"].groups
+        notes = [f"{groups} timestep-group attention steps collapsed to one static step (their max)"] if groups > 1 else []
+        # the processor splits heads by the key's width (to_k's output features)
+        out.append(AttentionQuant(name, attn.to_k.out_features // attn.heads, quants["q_quant"].bits,
+                                  {qn: collapse_steps(q.step) for qn, q in quants.items()}, groups, notes))
+    return out
+
+
+def build_plan(unet: torch.nn.Module) -> ExportPlan:
+    """One LayerQuant per QuantConv2d / QuantLinear, in module order, and the attention matmuls."""
     from saq_deploy.quant.fake_quant import QuantConv2d, quant_layers
 
-    if any(type(m).__name__ == "QuantAttnProcessor" for m in getattr(unet, "attn_processors", {}).values()):
-        raise ConfigError("this artifact fake-quantizes the attention matmuls (attention_matmul = true); "
-                          "the ONNX export cannot represent that yet: re-calibrate with attention_matmul = false")
     plan = []
     for name, layer in quant_layers(unet).items():
         wq = layer.weight_quant
@@ -60,4 +93,4 @@ def build_plan(unet: torch.nn.Module) -> list[LayerQuant]:
                                scale.astype(np.float32), wq.block_size, act_bits, act_step, groups, notes))
     if not plan:
         raise ConfigError("the model has no quantized layers: nothing to export")
-    return plan
+    return ExportPlan(plan, _attention_plan(unet))

@@ -6,6 +6,8 @@ One set of scales, two placements (docs/design/deployment.md §1.4 and §4.2):
   tensor, weights as int8 initializers + DequantizeLinear per output channel; INT4 blocked
   weights on GEMMs, opset 21); no output Q; the identity input of Adds fed by a conv is
   quantized too, so TensorRT can fuse the Add into the conv.
+- both: Q/DQ on the four inputs of each quantized Attention module's two activation x activation
+  MatMuls (q.k^T and probs.v, ``attention_matmul`` artifacts; see ``insert_attention_qdq``).
 - ``onnxruntime-cpu``: the same input Q/DQ, plus an output Q/DQ after each quantized Conv so
   ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (without it the conv runs dequantized in
   FP32, slower than FP32). MatMul/Gemm need no output Q (MatMulIntegerToFloat / QGemm).
@@ -25,7 +27,7 @@ from onnx import TensorProto, helper
 
 from saq_deploy.errors import ConfigError
 from saq_deploy.export.graph import GraphEditor, set_opset
-from saq_deploy.export.plan import LayerQuant
+from saq_deploy.export.plan import AttentionQuant, LayerQuant
 from saq_deploy.export.torch_export import module_scope
 
 TARGETS = ("tensorrt", "onnxruntime-cpu")
@@ -39,6 +41,7 @@ class QdqReport:
     opset: int = 0
     layers: dict[str, dict] = field(default_factory=dict)  # name -> how it was exported
     observed: dict[str, float] = field(default_factory=dict)  # tensor -> export-time scale
+    attention: dict[str, dict] = field(default_factory=dict)  # Attention module -> its quantized MatMuls
     not_represented: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -46,7 +49,7 @@ class QdqReport:
         for info in self.layers.values():
             kinds[info["weights"]] = kinds.get(info["weights"], 0) + 1
         return {"target": self.target, "opset": self.opset, "weight_formats": kinds,
-                "layers": self.layers, "export_time_scales": len(self.observed),
+                "layers": self.layers, "attention": self.attention, "export_time_scales": len(self.observed),
                 "not_represented": self.not_represented}
 
 
@@ -105,24 +108,97 @@ def _insert_weight(ed: GraphEditor, node: onnx.NodeProto, lq: LayerQuant, target
     return int4
 
 
+def _act_dtype(bits: int, target: str) -> int:
+    """INT8 (or INT4) activation codes, symmetric: the calibrated ActQuantizer's signed grid."""
+    if bits == 4 and target == "tensorrt":
+        raise ConfigError("4-bit activations (W4A4) are not a TensorRT mode (TensorRT's INT4 is weight-only); "
+                          "export W4A4 for --target onnxruntime-cpu, or calibrate w4a8 for TensorRT")
+    return TensorProto.INT4 if bits == 4 else TensorProto.INT8
+
+
+def _qdq_input(ed: GraphEditor, node: onnx.NodeProto, idx: int, step: float, dtype: int, tag: str) -> None:
+    q, dq, out = ed.qdq(node.input[idx], np.float32(step), dtype, tag=tag)
+    ed.insert_before(node, q)
+    ed.insert_before(node, dq)
+    node.input[idx] = out
+
+
 def _insert_act(ed: GraphEditor, node: onnx.NodeProto, lq: LayerQuant, target: str) -> bool:
     """Q/DQ on the node's data input with the calibrated step; returns True if INT4 activations."""
     if lq.act_bits is None:
         return False
-    int4 = lq.act_bits == 4
-    if int4 and target == "tensorrt":
-        raise ConfigError("4-bit activations (W4A4) are not a TensorRT mode (TensorRT's INT4 is weight-only); "
-                          "export W4A4 for --target onnxruntime-cpu, or calibrate w4a8 for TensorRT")
-    q, dq, out = ed.qdq(node.input[0], np.float32(lq.act_step), TensorProto.INT4 if int4 else TensorProto.INT8,
-                        tag=f"{lq.name}_input")
-    ed.insert_before(node, q)
-    ed.insert_before(node, dq)
-    node.input[0] = out
+    dtype = _act_dtype(lq.act_bits, target)
+    _qdq_input(ed, node, 0, lq.act_step, dtype, f"{lq.name}_input")
+    return dtype == TensorProto.INT4
+
+
+def find_attention_matmuls(ed: GraphEditor, attention: list[AttentionQuant]) -> dict[str, tuple]:
+    """(scores MatMul, probs.v MatMul) of each Attention module, by name scope: its only MatMuls
+    with no initializer input (to_q etc. are child scopes); probs.v is the one reading the Softmax."""
+    by_scope: dict[str, list[onnx.NodeProto]] = {}
+    for n in ed.graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and not any(i in ed.inits for i in n.input):
+            scope = module_scope(n.name)
+            if scope is not None:
+                by_scope.setdefault(scope, []).append(n)
+    found = {}
+    for aq in attention:
+        nodes = by_scope.get(aq.name, [])
+        pv = [n for n in nodes if getattr(ed.producer.get(n.input[0]), "op_type", None) == "Softmax"]
+        qk = [n for n in nodes if n not in pv]
+        if len(nodes) != 2 or len(pv) != 1:
+            raise ConfigError(f"cannot map the attention matmuls of '{aq.name}' to two ONNX MatMuls (found "
+                              f"{len(nodes)}, {len(pv)} after a Softmax); the exported graph does not match "
+                              "the calibrated model")
+        found[aq.name] = (qk[0], pv[0])
+    return found
+
+
+def _score_input_factor(ed: GraphEditor, tensor: str, aq: AttentionQuant) -> float:
+    """What the graph multiplies q (or k^T) by before the scores MatMul. The TorchScript exporter's
+    scaled_dot_product_attention scales both by sqrt(head_dim ** -0.5), computed at run time from
+    the shape (Shape -> Cast -> Sqrt -> Div(1, .) -> Sqrt, mirrored here in float32); a folded
+    constant factor is read as is; no Mul means the scale sits after the MatMul."""
+    p = ed.producer.get(tensor)
+    if p is None or p.op_type != "Mul":
+        return 1.0
+    f = p.input[1]
+    if f in ed.inits and ed.init_array(f).size == 1:
+        return float(ed.init_array(f).reshape(-1)[0])
+    if getattr(ed.producer.get(f), "op_type", None) == "Sqrt":
+        return float(np.sqrt(np.float32(1.0) / np.sqrt(np.float32(aq.head_dim))))
+    raise ConfigError(f"attention '{aq.name}': unexpected factor {f!r} before the scores MatMul; "
+                      "the exported graph does not match the calibrated model")
+
+
+def insert_attention_qdq(ed: GraphEditor, attention: list[AttentionQuant], target: str, rep: QdqReport) -> bool:
+    """Q/DQ (per tensor, zero point 0) on both inputs of both attention MatMuls: what ONNX
+    Runtime's QDQ MatMul fusion and TensorRT's INT8 MHA fusion look for. Returns True if INT4.
+
+    The fake-quant model rounds q and k before SDPA's scale (fq(q) @ fq(k)^T * s); the graph's
+    MatMul reads q * c and k^T * c, so those get step * c: round(q*c / (step*c)) = round(q / step),
+    the same codes up to a ULP at a rounding tie. Softmax probs (in [0, 1]) stay signed INT8 too,
+    codes 0..127: p_quant is the calibrated signed symmetric quantizer and the parity reference
+    rounds on that grid (UINT8 would be another quantizer; TensorRT's Q/DQ is symmetric INT8)."""
+    int4 = False
+    matmuls = find_attention_matmuls(ed, attention)
+    for aq in attention:
+        qk, pv = matmuls[aq.name]
+        dtype = _act_dtype(aq.act_bits, target)
+        int4 |= dtype == TensorProto.INT4
+        factors = [_score_input_factor(ed, qk.input[i], aq) for i in (0, 1)]
+        for node, idx, qn, factor in ((qk, 0, "q_quant", factors[0]), (qk, 1, "k_quant", factors[1]),
+                                      (pv, 0, "p_quant", 1.0), (pv, 1, "v_quant", 1.0)):
+            _qdq_input(ed, node, idx, aq.steps[qn] * factor, dtype, f"{aq.name}_{qn}")
+        rep.attention[aq.name] = {"matmuls": [qk.name, pv.name], "act_bits": aq.act_bits,
+                                  "score_input_factor": factors}
+        rep.not_represented.extend(f"{aq.name}: {n}" for n in aq.notes)
     return int4
 
 
 def insert_layer_qdq(model: onnx.ModelProto, plan: list[LayerQuant], target: str) -> QdqReport:
-    """Weights and input activations of every calibrated layer (both targets)."""
+    """Weights and input activations of every calibrated layer, and the attention matmul inputs of
+    an ``ExportPlan`` (both targets)."""
     if target not in TARGETS:
         raise ConfigError(f"unknown export target '{target}'; choose one of {', '.join(TARGETS)}")
     rep = QdqReport(target)
@@ -134,6 +210,7 @@ def insert_layer_qdq(model: onnx.ModelProto, plan: list[LayerQuant], target: str
         needs_21 |= _insert_weight(ed, node, lq, target, rep)
         needs_21 |= _insert_act(ed, node, lq, target)
         rep.not_represented.extend(f"{lq.name}: {n}" for n in lq.notes)
+    needs_21 |= insert_attention_qdq(ed, getattr(plan, "attention", []), target, rep)
     ed.commit()
     if needs_21:
         set_opset(model, 21)  # INT4 tensors and block_size exist from opset 21

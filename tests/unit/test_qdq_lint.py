@@ -256,6 +256,17 @@ def test_matmul_of_two_activations_not_flagged():
     assert lint_model(check(m)) == []
 
 
+def test_matmul_of_two_activations_quantized_on_both_or_one_side():
+    """Full-INT8 attention (Q/DQ on both inputs) is clean; Q/DQ on one input only is flagged."""
+    m = make_clean(int4=False)
+    m.graph.node.extend([helper.make_node("Transpose", ["r_dq"], ["rt"], name="tr", perm=[1, 0]),
+                         helper.make_node("MatMul", ["r_dq", "rt"], ["att"], name="qk")])
+    m.graph.output.append(helper.make_tensor_value_info("att", TP.FLOAT, [2, 2]))
+    assert lint_model(check(m)) == [] and not [i for i in lint_model(m, "onnxruntime-cpu") if i.node in ("qk", "tr")]
+    node(m, "tr").input[0] = "r"
+    assert [(i.rule, i.node) for i in lint_model(check(m))] == [("unquantized-input", "qk")]
+
+
 def test_residual_add_unquantized():
     m = make_clean(int4=False)
     node(m, "add").input[1] = "x"
