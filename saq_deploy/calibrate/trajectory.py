@@ -120,7 +120,13 @@ def _record(sampler: str, schedule: VPSchedule, info: StepInfo) -> dict[str, Ten
         t_i = torch.full((b,), float(inter.timestep), dtype=torch.float64)
     elif sampler == "plms":
         x_i, t_i = x_o, t_o
-        eps_i = step_direction(schedule, info.x_from.cpu(), info.x_to.cpu(), info.t_from, info.t_to)
+        if info.t_to == info.t_from:
+            # the zero-length last step of a 'leading' / 'linspace' grid (0 -> terminal 0, as
+            # diffusers' PNDMScheduler with set_alpha_to_one=False): x_to == x_from, so there is no
+            # direction to recover and none that moves the sample; the FP eps there stands in
+            eps_i = eps_o
+        else:
+            eps_i = step_direction(schedule, info.x_from.cpu(), info.x_to.cpu(), info.t_from, info.t_to)
     else:  # ddim, or a DPM-Solver-2 step taken first-order (into CLEAN): its direction is eps_outer
         x_i, t_i, eps_i = x_o, t_o, eps_o
     return {"x_outer": x_o, "t_outer": t_o, "x_inter": x_i, "t_inter": t_i,

@@ -11,6 +11,7 @@ temp folder and renamed into place, so a failed export leaves nothing half-writt
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from pathlib import Path
@@ -153,10 +154,17 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
                                      cond_shape=None if cond is None else tuple(cond.shape[1:]))
         except OSError as e:  # torch's failed write (disk full) names no file: name the export folder
             raise name_intended(e, tmp, root) from None
+        meta, n_calls = model_meta(q.loaded, q.manifest), len(calls)
+        # the torch UNets (FP + fake-quant) are done with: an SD-1.5 UNet's copies (~7 GB) beside its
+        # ONNX graphs and ORT's observer session got export OOM-killed at 21 GB RSS on a 24 GB machine
+        q.fp_unet = q.loaded.unet = calls = None
+        gc.collect()
         fp_model = onnx.load(str(fp_path))
         for target in targets:
             model, rep = build_target_model(fp_model, plan, target, feeds)
-            out[target] = _write_target(root, target, model, rep, specs, q, len(calls), fp16)
+            out[target] = _write_target(root, target, model, rep, specs, q, meta, n_calls, fp16)
+            model = None  # not alive while the next target's graph is built
+            gc.collect()
     return out
 
 
@@ -168,7 +176,7 @@ def remove_stale_export_temps(root: Path, target: str) -> list[Path]:
     return remove_stale_temps(root, (f".{target}-", ".old-", ".fp-"), "an interrupted export")
 
 
-def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q, n_calls: int,
+def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q, meta: dict, n_calls: int,
                   fp16: bool) -> Path:
     from saq_deploy.utils.io import sha256_file, write_json_atomic
     from saq_deploy.utils.versions import package_versions
@@ -189,7 +197,7 @@ def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q
             "artifact": "saq-deploy-onnx", "target": target, "files": files,
             "calibrated": {"path": str(q.path), "state_sha256": m["state_sha256"], "method": m["method"],
                            "bits": m["bits"], "model_spec": m["model"]["spec"], "model_hash": m["model"]["hash"]},
-            "model_meta": model_meta(q.loaded, m),
+            "model_meta": meta,
             "inputs": specs, "outputs": [{"name": "eps", "dtype": "float32", "shape": specs[0]["shape"]}],
             "opset": rep.opset, "qdq": rep.to_dict(), "calibration_calls": n_calls,
             "ort_disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS), "versions": package_versions(),

@@ -169,6 +169,19 @@ def test_plms_target_is_the_combined_direction(tmp_path):
     assert ds.manifest["target_kind"] == "fp_plms_direction"
 
 
+def test_plms_leading_zero_length_last_step(tmp_path):
+    """'leading' (the SD-1.5 template's spacing) ends PLMS's grid 0 -> terminal 0: a step that does
+    not move the sample; it is recorded with the FP eps as its direction instead of failing."""
+    ds, _, _ = _collect(tmp_path, sampler="plms", steps=4, num_samples=2, batch_size=2, spacing="leading")
+    grid = ds.manifest["grid"]
+    assert grid[-2:] == [0.0, 0.0]
+    d = ds.load_fields(ALL)
+    last = d["step"] == len(grid) - 2
+    assert int(last.sum()) == 2
+    torch.testing.assert_close(d["eps_inter"][last], d["eps_outer"][last])
+    assert torch.isfinite(d["eps_inter"]).all()
+
+
 def test_ddim_is_same_point_data(tmp_path):
     ds, _, model = _collect(tmp_path, sampler="ddim")
     d = ds.load_fields(ALL)
