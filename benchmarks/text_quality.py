@@ -2,7 +2,8 @@
 
 Usage:
   python benchmarks/text_quality.py [--n 1000] [--seeds 0,1000] [--settings ddim:20,dpmpp-2m:10]
-         [--cfg 3] [--artifact NAME=PATH ...] [--out docs/results/reference-text]
+         [--cfg 3] [--artifact NAME=PATH ...] [--out docs/results/reference-text] [--cache DIR] [--append]
+  python benchmarks/text_quality.py --merge part1.json part2.json --out docs/results/text-quality
 
 Every row samples the same n prompts ("a thin zero" ... "a bold nine", balanced) from the same x_T
 per seed. Figures: prompt accuracy (the digit classifier agrees with the digit named) and attribute
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="merge into <out>.json (a row of the same model/sampler/steps/seed is replaced)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for FP32 samples, so a later --append run pairs against them without re-sampling")
+    ap.add_argument("--notes", type=Path, default=None, help="markdown appended below the table (findings)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="only merge these result JSONs (runs that went in parallel) into <out>, no sampling")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.notes)
     torch.manual_seed(0)
     loaded = load_model(args.model)
     thresholds = loaded.meta["ink_thresholds"]
@@ -152,14 +158,47 @@ def main(argv: list[str] | None = None) -> None:
                        f"load average at the end {' '.join(load)}",
             "versions": package_versions(), "cfg": args.cfg, "n": args.n, "prompts": prompts}
     if args.append and args.out.with_suffix(".json").exists():
-        key = lambda r: (r["model"], r["sampler"], r["steps"], r["seed"])
-        new = {key(r) for r in rows}
+        new = {_key(r) for r in rows}
         old = json.loads(args.out.with_suffix(".json").read_text())
-        rows = [r for r in old["rows"] if key(r) not in new] + rows
+        rows = [r for r in old["rows"] if _key(r) not in new] + rows
         meta["command"] = old["meta"]["command"] + "` then `" + meta["command"]
     write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text(render(meta, rows))
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["sampler"], r["steps"], r["seed"]
+
+
+def _read_part(path: Path) -> dict:
+    """A result JSON, or the stdout log of a run (one JSON row per line) that was stopped early:
+    its rows are kept and its command is read from the first line of the log, if it is one."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    lines = path.read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    command = lines[0][2:] if lines and lines[0].startswith("$ ") else f"(rows from the log {path.name})"
+    return {"meta": {"command": command, "machine": "see the log"}, "rows": rows}
+
+
+def merge(parts: list[Path], out: Path, notes: Path | None = None) -> None:
+    """Rows of several runs in one table; a later part's row replaces an earlier one of the same key."""
+    from saq_deploy.utils.io import atomic_path, write_json_atomic
+
+    docs = [_read_part(p) for p in parts]
+    rows = {}
+    for d in docs:
+        rows.update({_key(r): r for r in d["rows"]})
+    full = [d for d in docs if "versions" in d["meta"]]
+    if not full:
+        raise SystemExit("--merge needs at least one result JSON (logs carry no versions or settings)")
+    meta = dict(full[-1]["meta"])
+    meta["command"] = "` then `".join(d["meta"]["command"] for d in docs)
+    meta["machine"] = "; ".join(dict.fromkeys(d["meta"]["machine"] for d in full))
+    write_json_atomic(out.with_suffix(".json"), {"meta": meta, "rows": list(rows.values())})
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(render(meta, list(rows.values())) + ("\n" + notes.read_text() if notes else ""))
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -179,7 +218,11 @@ def render(meta: dict, rows: list[dict]) -> str:
              "seeds and prompts; PSNR is per sample against FP, then averaged."), "",
              "| model | sampler | steps | seed | prompt accuracy | attribute accuracy | digit-FID | PSNR vs FP (dB) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["sampler"], r["steps"], r["model"] != "FP32", r["model"], r["seed"])):
+    def order(r):  # FP first, then 8-bit weights before 4-bit, then the method name
+        group = 0 if r["model"] == "FP32" else 1 if r["model"].startswith("W8") else 2
+        return r["sampler"], r["steps"], group, r["model"], r["seed"]
+
+    for r in sorted(rows, key=order):
         psnr = ci(r, "psnr_vs_fp", "{:.2f}") if "psnr_vs_fp" in r else "-"
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['seed']} | "
                      f"{ci(r, 'prompt_accuracy', '{:.3f}')} | {ci(r, 'attribute_accuracy', '{:.3f}')} | "
