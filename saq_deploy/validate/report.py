@@ -83,6 +83,9 @@ def write_report(out: Path, result: dict) -> None:
                          f"{r['precision']:.3f} | {r['recall']:.3f} |")
         lines.append("")
     elif not result["passed"]:
+        floor = result.get("numerical_floor") or {}
         lines += ["No quality figures: the engine failed its parity gate.", ""]
+        if floor:
+            lines += ["## Numerical floor", "", floor.get("verdict") or floor["note"], ""]
     with atomic_path(out / REPORT_FILE) as tmp:
         Path(tmp).write_text("\n".join(lines))

@@ -62,6 +62,7 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
     from saq_deploy.models.eps_model import TorchEpsModel
     from saq_deploy.utils.io import write_json_atomic
     from saq_deploy.validate import parity as P
+    from saq_deploy.validate.floor import numerical_floor
     from saq_deploy.validate.reference import placement_reference
     from saq_deploy.validate.report import write_report
 
@@ -92,12 +93,16 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
             res.psnr[sampler], _, _ = P.final_sample_psnr(fq_eps, en_eps, fq.loaded, settings, cond=cond,
                                                           null_cond=null)
         ref_out = [fq_eps(c.x, c.t, c.cond) for c in calls] if placement["modelled_outputs"] else []
+        summary = res.summary()
+        thresholds = eng.manifest["parity"]
+        fails = P.check_thresholds(summary, thresholds)
+        # a failed gate: engine bug, or a model whose own float32 rounding already differs this much?
+        floor = numerical_floor(fq_eps, fq.loaded.unet, calls, summary["mean_snr_db"]) if fails else None
+    if floor is not None:
+        log(floor.get("verdict") or floor["note"])
     if ref_out:  # what the placement's own roundings cost: reference vs the plain fake-quant model
         snrs = [P.snr_db(fq_eps(c.x, c.t, c.cond), r) for c, r in zip(calls, ref_out, strict=True)]
         placement["mean_snr_db_vs_fakequant"] = sum(snrs) / len(snrs)
-    summary = res.summary()
-    thresholds = eng.manifest["parity"]
-    fails = P.check_thresholds(summary, thresholds)
     passed = not fails
     gate = {"passed": passed, "failures": fails, "thresholds": thresholds, "metrics": summary,
             "engine_files": eng.manifest["files"], "state_sha256": fq.manifest["state_sha256"],
@@ -107,7 +112,7 @@ def validate_engine(artifact: str | Path, backend: str = "onnxruntime", engine: 
     result = {"artifact": str(artifact), "engine": str(engine_dir), "backend": backend, **gate,
               "method": fq.manifest["method"], "bits": fq.manifest["bits"],
               "not_represented": eng.manifest.get("qdq", {}).get("not_represented", []),
-              "placement": placement,
+              "placement": placement, "numerical_floor": floor,
               "steps_detail": [asdict(s) for s in res.steps]}
     if passed and quality_n > 0:
         log(f"parity passed; sampling {quality_n} digits with FP32 and the engine for quality ...")

@@ -258,6 +258,11 @@ def test_gate_catches_a_wrong_scale(w8a8, tmp_path, capsys):
     assert not json.loads((eng / "parity.json").read_text())["passed"]
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "FAILED" in text and "## Quality" not in text
+    # the failed gate also measures the model's own float32-vs-float64 floor: far above this engine
+    floor = json.loads((tmp_path / "rep" / "result.json").read_text())["numerical_floor"]
+    assert floor["measured"] and not floor["at_floor"], floor
+    assert floor["mean_snr_db"] > json.loads((eng / "parity.json").read_text())["metrics"]["mean_snr_db"] + 10
+    assert "real mismatch" in err and "## Numerical floor" in text
 
 
 def test_sample_through_engine_cli(w8a8, tmp_path, capsys):
