@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import Model, calib_feeds
+from benchmarks.speed import Model, calib_feeds, ort_quantize_static
 from saq_deploy.backends import load_engine
 from saq_deploy.backends.onnxruntime import OrtRunner
 from saq_deploy.utils.versions import cpu_model
@@ -64,7 +64,6 @@ def ensure_engines(art: Path, threads: int) -> dict[str, Path]:
 def build(m: Model, work: Path, feeds, art: Path, threads: int, preset: str) -> tuple[dict, dict]:
     import nncf
     import openvino as ov
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from saq_deploy.export.torch_export import export_unet_onnx
 
@@ -72,17 +71,8 @@ def build(m: Model, work: Path, feeds, art: Path, threads: int, preset: str) -> 
     fp_path, qs_path = work / "fp32.onnx", work / "qstatic.onnx"
     export_unet_onnx(m.unet, m.kind, m.shape, fp_path)
     np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(np_feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
     t0 = time.perf_counter()
-    quantize_static(str(fp_path), str(qs_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ort_quantize_static(fp_path, qs_path, np_feeds)
     notes["qstatic_time_s"] = round(time.perf_counter() - t0, 1)
 
     core = ov.Core()

@@ -89,17 +89,10 @@ def calib_feeds(m: Model, n_batches: int, b: int) -> list[dict[str, torch.Tensor
     return [m.batch(b, seed=100 + i) for i in range(n_batches)]
 
 
-def build(m: Model, work: Path, feeds, threads: int) -> dict:
-    """The four callables feed -> eps, plus build notes."""
-    import copy
-    import gc
-
-    import onnx
+def ort_quantize_static(fp_path: Path, out_path: Path, np_feeds: list[dict], *, external_data: bool = False) -> None:
+    """ONNX Runtime's own free quantizer as a user would run it: QDQ, per-channel INT8 weights,
+    UINT8 activations, MinMax calibration over ``np_feeds`` (the peer both speed tables compare with)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    fp_path = work / "fp32.onnx"
-    export_unet_onnx(m.unet, m.kind, m.shape, fp_path, cond_shape=m.cond_shape)
-    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -108,13 +101,25 @@ def build(m: Model, work: Path, feeds, threads: int) -> dict:
         def get_next(self):
             return next(self.it, None)
 
+    quantize_static(str(fp_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    use_external_data_format=external_data)
+
+
+def build(m: Model, work: Path, feeds, threads: int) -> dict:
+    """The four callables feed -> eps, plus build notes."""
+    import copy
+    import gc
+
+    import onnx
+    fp_path = work / "fp32.onnx"
+    export_unet_onnx(m.unet, m.kind, m.shape, fp_path, cond_shape=m.cond_shape)
+    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
     # quantize_static first, while nothing else is held: it keeps every intermediate tensor of every
     # calibration batch (an SD-1.5 UNet needs > 10 GB for two batches)
     qs_path = work / "qstatic.onnx"
     t0 = time.perf_counter()
-    quantize_static(str(fp_path), str(qs_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=len(list(work.iterdir())) > 2)
+    ort_quantize_static(fp_path, qs_path, np_feeds, external_data=len(list(work.iterdir())) > 2)
     qs_time = time.perf_counter() - t0
     gc.collect()
     fq = copy.deepcopy(m.unet)
