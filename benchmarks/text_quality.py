@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -27,29 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "builtin:digits-text"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    z = 1.96
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def fid_with_ci(feats: np.ndarray, name: str, resamples: int, seed: int) -> tuple[float, float, float]:
-    from saq_deploy.eval.fid import FIDStats, compute_stats, frechet_distance
-    from saq_deploy.reference import DIGITS_FID_STATS_PATH
-
-    ref = FIDStats.load(DIGITS_FID_STATS_PATH)
-    value = frechet_distance(compute_stats(feats, name), ref)
-    rng = np.random.default_rng(seed)
-    boot = [frechet_distance(compute_stats(feats[rng.integers(0, len(feats), len(feats))], name), ref)
-            for _ in range(resamples)]
-    # resampling with replacement duplicates samples, which biases FID upwards (the percentile
-    # interval can miss the estimate itself): use the bootstrap's spread around the estimate
-    half = 1.96 * float(np.std(boot, ddof=1))
-    return value, value - half, value + half
+from stats import fid_with_ci, paired_psnr, wilson
 
 
 def sample(eps, loaded, table, index, sampler: str, steps: int, cfg: float, seed: int, n: int):
@@ -76,15 +55,6 @@ def score(images, digits, attrs, thresholds, resamples: int, seed: int) -> dict:
     return {"n": n, "digit_fid": fid, "digit_fid_ci": [lo, hi],
             "prompt_accuracy": ok_digit / n, "prompt_accuracy_ci": list(wilson(ok_digit, n)),
             "attribute_accuracy": ok_attr / n, "attribute_accuracy_ci": list(wilson(ok_attr, n))}
-
-
-def paired_psnr(x, ref, resamples: int, seed: int) -> dict:
-    mse = (x - ref).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    per = (10 * torch.log10(4.0 / mse)).numpy()  # images in [-1, 1]: peak-to-peak 2
-    rng = np.random.default_rng(seed)
-    boot = [per[rng.integers(0, len(per), len(per))].mean() for _ in range(resamples)]
-    return {"psnr_vs_fp": float(per.mean()), "psnr_vs_fp_ci": [float(np.percentile(boot, 2.5)),
-                                                               float(np.percentile(boot, 97.5))]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ implements the EpsModel (PyTorch FP32, fake-quant, ONNX Runtime, TensorRT)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -57,6 +57,19 @@ def validate_settings(s: SampleSettings) -> None:
         raise BadOptionError(f"--cfg must be >= 0, got {s.cfg}")
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)  # the last batch may be short
+
+
+def batch_rows(n: int, batch_size: int, batches: range | None = None) -> range:
+    """The sample rows that batches ``batches`` (default: all) of an ``n``-sample run cover."""
+    total = num_batches(n, batch_size)
+    batches = range(total) if batches is None else batches
+    if batches.step != 1 or not 0 <= batches.start <= batches.stop <= total:
+        raise ConfigError(f"batches must be a contiguous range of batch indices within 0..{total}, got {batches}")
+    return range(min(n, batches.start * batch_size), min(n, batches.stop * batch_size))
+
+
 def generate(
     eps_model: Callable,
     schedule,
@@ -69,13 +82,29 @@ def generate(
     x_T: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
     step_callback: Callable | None = None,
+    timesteps: torch.Tensor | Sequence[float] | None = None,
+    batches: range | None = None,
+    step_callback_for: Callable[[slice, torch.Tensor | None], Callable | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return ``(samples, labels)``. ``cond`` overrides labels (e.g. encoder hidden states)."""
+    """Return ``(samples, labels)``. ``cond`` overrides labels (e.g. encoder hidden states).
+
+    ``timesteps``: an explicit grid (``settings.steps + 1`` points) instead of the sampler's default
+    one for ``settings.spacing``; see :func:`~saq_deploy.samplers.registry.run_sampler`.
+
+    ``batches``: compute only these batches (a contiguous range of batch indices, e.g. one
+    distributed rank's share); the result holds just their rows (:func:`batch_rows`). x_T and
+    labels are still drawn for all ``settings.n`` samples, so a row never depends on the split.
+    ``step_callback_for(rows, cond)``: instead of ``step_callback``, called before each batch with
+    its rows (a slice of the ``n`` samples) and their cond; returns that batch's step callback (a
+    recorder needs to know which samples a step belongs to). ``on_batch(done)``: rows done so far."""
     from saq_deploy.models.guidance import ClassifierFreeGuidance
     from saq_deploy.samplers.registry import run_sampler
 
     validate_settings(settings)
-    n = settings.n
+    if step_callback is not None and step_callback_for is not None:
+        raise ConfigError("pass step_callback or step_callback_for, not both")
+    n, bs = settings.n, settings.batch_size
+    rows = batch_rows(n, bs, batches)
     labels = None
     if cond is None and num_classes is not None:
         labels = class_labels(n, num_classes, settings.label)
@@ -90,11 +119,13 @@ def generate(
         model = ClassifierFreeGuidance(eps_model, settings.cfg, null_label)
     x_T = initial_noise(sample_shape, n, settings.seed) if x_T is None else x_T
     outs = []
-    for start in range(0, n, settings.batch_size):
-        sl = slice(start, start + settings.batch_size)
+    for start in range(rows.start, rows.stop, bs):
+        sl = slice(start, min(n, start + bs))
         c = None if cond is None else cond[sl]
+        callback = step_callback if step_callback_for is None else step_callback_for(sl, c)
         outs.append(run_sampler(settings.sampler, model, x_T[sl].clone(), schedule, settings.steps,
-                                spacing=settings.spacing, cond=c, callback=step_callback))
+                                spacing=settings.spacing, cond=c, callback=callback, timesteps=timesteps))
         if on_batch is not None:
-            on_batch(min(n, start + settings.batch_size))
-    return torch.cat(outs), labels
+            on_batch(sl.stop - rows.start)
+    picked = None if labels is None else labels[rows.start:rows.stop]
+    return (torch.cat(outs) if outs else x_T[:0]), picked  # no batches (a rank with none): no rows

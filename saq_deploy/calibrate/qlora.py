@@ -66,35 +66,47 @@ def teacher_sampler(method: str, teacher: str) -> str:
 
 @torch.no_grad()
 def teacher_pairs(fp_eps_model, schedule, x_T: Tensor, cond: Tensor | None, steps: int, *, spacing: str,
-                  teacher: str, target: str, orientation: str = "outer_to_intermediate") -> list[Pair]:
+                  teacher: str, target: str, orientation: str = "outer_to_intermediate",
+                  mota_weight: float = 1.0) -> list[Pair]:
     """Run the FP ``teacher`` sampler from ``x_T`` and return one training pair per sampling step.
 
     ``fp_eps_model`` is the (CFG-wrapped) FP EpsModel. ``target = "intermediate"`` (sa-qlora):
     student at the outer point (x~_{t_{i-1}}, t_{i-1}), target = FP eps at DPM-Solver-2's (u_i, s_i)
     (reversed with ``orientation = "intermediate_to_outer"``). ``target = "same_point"``
-    (qlora-mse): target = FP eps at the student's own outer point."""
-    from saq_deploy.calibrate.trajectory import _SAMPLE_FNS, _record, outer_grid
+    (qlora-mse): target = FP eps at the student's own outer point. ``mota_weight`` w < 1 (intermediate
+    targets only): the blended target (1 - w) FP eps at the student's point + w FP eps at the other."""
+    from saq_deploy.calibrate.trajectory import _record, outer_grid
+    from saq_deploy.samplers.registry import run_sampler
 
+    # Not generate(): x_T and labels are this pass's own draw (epoch_batch: per-pass seed, permuted
+    # labels), a rank keeps a row slice of the ONE batch an optimizer step trains on (generate()
+    # splits by whole batches), and fp_eps_model is already CFG-wrapped. The grid is the recorder's.
     grid = outer_grid(teacher, steps, schedule, spacing)
     records: list[dict[str, Tensor]] = []
-    _SAMPLE_FNS[teacher](fp_eps_model, x_T.clone(), schedule, grid, cond=cond,
-                         callback=lambda info: records.append(_record(teacher, schedule, info)))
+    run_sampler(teacher, fp_eps_model, x_T.clone(), schedule, steps, cond=cond, timesteps=grid,
+                callback=lambda info: records.append(_record(teacher, schedule, info)))
     pairs: list[Pair] = []
     for r in records:
         if target == "same_point":
             pairs.append((r["x_outer"], float(r["t_outer"][0]), r["eps_outer"]))
         elif orientation == "intermediate_to_outer":
-            pairs.append((r["x_inter"], float(r["t_inter"][0]), r["eps_outer"]))
+            pairs.append((r["x_inter"], float(r["t_inter"][0]), _blend(r["eps_inter"], r["eps_outer"], mota_weight)))
         else:
-            pairs.append((r["x_outer"], float(r["t_outer"][0]), r["eps_inter"]))
+            pairs.append((r["x_outer"], float(r["t_outer"][0]), _blend(r["eps_outer"], r["eps_inter"], mota_weight)))
     return pairs
+
+
+def _blend(own: Tensor, other: Tensor, w: float) -> Tensor:
+    # w = 1 returns the MOTA target itself (bit-identical to the unblended method)
+    return other if w == 1.0 else torch.lerp(own, other, w)
 
 
 def student_eps(unet: nn.Module, x: Tensor, t: float, labels: Tensor | None, null_label: int | None,
                 cfg: float, groups: int, num_train_timesteps: int, table: Tensor | None = None) -> Tensor:
     """The quantized UNet's CFG-combined eps at (x, t), with autograd (one batched [uncond; cond]
     call, the same arithmetic as ClassifierFreeGuidance over FakeQuantEpsModel). ``table``: a text
-    UNet's prompt embedding rows, which ``labels`` index (calibrate.prompts)."""
+    UNet's prompt embedding rows, which ``labels`` index (calibrate.prompts). Not that wrapper nor
+    generate(): EpsModels run under no_grad, and the timestep-group context must wrap the UNet call."""
     from saq_deploy.models.eps_model import cond_kwargs
     from saq_deploy.quant.timestep import active_timesteps, timestep_groups
 
@@ -305,7 +317,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
                 if world.active:
                     x_T, labels = x_T[mine.start:mine.stop], None if labels is None else labels[mine.start:mine.stop]
                 pairs = teacher_pairs(fp_eps, schedule, x_T, labels, steps, spacing=c.spacing, teacher=teacher,
-                                      target=target, orientation=c.orientation)
+                                      target=target, orientation=c.orientation, mota_weight=c.mota_weight)
                 for (x, t, tgt), w in zip(pairs, weights[steps], strict=True):
                     with torch.enable_grad(), batch_share(share if world.active else 1.0):
                         eps = student_eps(unet, x, t, labels, loaded.null_label, c.cfg, groups, T,
@@ -335,6 +347,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
         "method": c.method, "teacher": teacher,
         "target": "fp_intermediate" if target == "intermediate" else "fp_same_point",
         "orientation": c.orientation if target == "intermediate" else None,
+        "mota_weight": c.mota_weight if target == "intermediate" else None,
         "rank": q.rank, "alpha": q.alpha, "lr": q.lr, "lr_scale": q.lr_scale, "lr_act": q.lr_act,
         "epochs": q.epochs, "mixstep": list(q.mixstep), "optimizer_steps": q.epochs * per_epoch,
         "cos_weight": q.cos_weight, "step_weight": q.step_weight, "batch_size": q.batch_size, "seed": q.seed,

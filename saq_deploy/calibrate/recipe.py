@@ -13,6 +13,7 @@ Schema (every key optional; defaults below)::
                       sampler = "dpm-solver-2" # dpm-solver-2 | plms | ddim (data collection)
                       steps = 10, spacing = "quadratic", num_samples = 64, cfg = 1.5, seed = 0
                       orientation = "outer_to_intermediate"   # or intermediate_to_outer (ablation)
+                      mota_weight = 1.0  # MOTA methods: target (1-w) FP(student's point) + w FP(target point)
     [reconstruction]  iters = 300, batch_size = 32, lr_round = 1e-2, lr_act = 1e-3 (relative),
                       round_weight = 0.01, beta_start = 20.0, beta_end = 2.0, warmup = 0.2,
                       cos_weight = 0.0, max_inputs = 2048
@@ -113,6 +114,8 @@ class CalibrationSection:
     cfg: float = 1.5
     seed: int = 0
     orientation: str = "outer_to_intermediate"
+    # w of the blended MOTA target (1 - w) FP(student's point) + w FP(the other-order point); 1 = MOTA
+    mota_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _choice(self.method, METHODS, "calibration.method")
@@ -123,6 +126,12 @@ class CalibrationSection:
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"calibration.{name} must be an integer >= 1, got {v!r}")
         m = get_method(self.method)
+        w = self.mota_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise ConfigError(f"calibration.mota_weight must be a number in [0, 1], got {w!r}")
+        if w != 1.0 and not m.mota:
+            raise ConfigError(f"calibration.mota_weight applies to MOTA methods only, not '{m.name}' "
+                              "(its target is already the student's own point)")
         if m.mota and m.reconstructs and self.sampler == "ddim":
             raise ConfigError(f"calibration.method = '{m.name}' needs a higher-order data sampler "
                               "(dpm-solver-2 or plms); 'ddim' gives same-point targets (use brecq)")

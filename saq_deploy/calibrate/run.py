@@ -163,7 +163,7 @@ def build_manifest(recipe: Recipe, loaded, ds, qcfg, block_losses: list[dict], w
         "artifact": "saq-deploy-calibrated",
         "method": c.method, "bits": recipe.quant.bits,
         "sampler": c.sampler, "steps": c.steps, "spacing": c.spacing, "cfg": c.cfg, "seed": c.seed,
-        "num_samples": c.num_samples, "orientation": c.orientation,
+        "num_samples": c.num_samples, "orientation": c.orientation, "mota_weight": c.mota_weight,
         "calibrated_for": {"samplers": ["ddim", c.sampler], "steps": c.steps, "spacing": c.spacing},
         "model": {"spec": recipe.model.spec, "hash": loaded.source_hash},
         "data": {k: ds.manifest.get(k) for k in ("sampler", "pairing", "steps", "spacing", "seed",

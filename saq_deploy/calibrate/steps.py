@@ -179,6 +179,7 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
     from saq_deploy.utils.progress import progress as progress_for
 
     T, groups, r = qcfg.num_train_timesteps, qcfg.act.timestep_groups, recipe.reconstruction
+    w = recipe.calibration.mota_weight if get_method(recipe.calibration.method).mota else 1.0
     settings = ReconSettings(iters=r.iters, batch_size=r.batch_size, lr_round=r.lr_round, lr_act=r.lr_act,
                              round_weight=r.round_weight, beta_start=r.beta_start, beta_end=r.beta_end,
                              warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=groups,
@@ -201,6 +202,10 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
                              what="input")
             targets = capture(fp_modules[name], Records.feeds(fp_unet, records.target, groups, T, table=records.table),
                               what="output")
+            if w < 1.0:  # blended target: the FP block's output at the student's own point mixed in
+                same = capture(fp_modules[name], Records.feeds(fp_unet, records.student, groups, T,
+                                                               table=records.table), what="output")
+                targets = torch.lerp(same, targets, w)
             task.update(description=f"reconstruct {name}")
             res = reconstruct_block(
                 block, inputs, targets, records.student[1], settings, seed=recipe.calibration.seed * 100_003 + bi,

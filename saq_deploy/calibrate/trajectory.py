@@ -53,16 +53,8 @@ from saq_deploy.calibrate.dataset import (
     pairing_fields,
 )
 from saq_deploy.errors import ConfigError, SaqError
-from saq_deploy.generate import class_labels, initial_noise
-from saq_deploy.models.guidance import ClassifierFreeGuidance
-from saq_deploy.samplers import (
-    StepInfo,
-    default_grid,
-    intermediate_timesteps,
-    sample_ddim,
-    sample_dpm_solver_2,
-    sample_plms,
-)
+from saq_deploy.generate import SampleSettings, batch_rows, generate, num_batches
+from saq_deploy.samplers import StepInfo, default_grid, intermediate_timesteps
 from saq_deploy.schedules.vp import VPSchedule
 from saq_deploy.utils.io import fsync_dir, fsync_tree
 from saq_deploy.utils.versions import package_versions
@@ -75,11 +67,6 @@ TARGET_KINDS: dict[str, str] = {
     "dpm-solver-2": "fp_intermediate",  # eps_FP(u_i, s_i)
     "plms": "fp_plms_direction",  # eps'_t, the PLMS combined direction
     "ddim": "fp_same_point",  # eps_FP(x_t, t)
-}
-_SAMPLE_FNS: dict[str, Callable[..., Tensor]] = {
-    "dpm-solver-2": sample_dpm_solver_2,
-    "plms": sample_plms,
-    "ddim": sample_ddim,
 }
 _FLOAT_FIELDS = ("x_outer", "t_outer", "eps_outer", "x_inter", "t_inter", "eps_inter")  # causal order
 
@@ -224,18 +211,17 @@ def collect_trajectories(
     shards so the ``label`` column's prompt indices stay resolvable.
     """
     _validate(sampler, pairing, num_samples, batch_size, shard_size, cfg)
+    guided = num_classes is not None and cfg != 1.0
+    if guided and null_label is None:  # fail before any folder is made, in this function's terms
+        raise ConfigError("classifier-free guidance needs the model's null label; use cfg=1 for none")
     grid = outer_grid(sampler, steps, schedule, spacing)
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    labels = None if num_classes is None else class_labels(num_samples, num_classes, None)
-    model = eps_model
-    if labels is not None and cfg != 1.0:
-        if null_label is None:
-            raise ConfigError("classifier-free guidance needs the model's null label; use cfg=1 for none")
-        model = ClassifierFreeGuidance(eps_model, cfg, null_label)
     shape = tuple(int(s) for s in sample_shape)
-    x_T = initial_noise(shape, num_samples, seed)
-    run = _SAMPLE_FNS[sampler]
+    # generate() draws x_T (initial_noise(seed), so batch_size never changes the data), cycles the
+    # labels and wraps CFG, exactly as sampling does; the sampler runs on ``grid`` as given
+    settings = SampleSettings(sampler=sampler, steps=steps, cfg=cfg, seed=seed, n=num_samples,
+                              spacing=spacing, batch_size=batch_size)
 
     from saq_deploy.utils import distributed
 
@@ -249,32 +235,34 @@ def collect_trajectories(
     tmp = Path(distributed.broadcast_object(tmp_name, "trajectory set-up"))
     # the unit of work is one batch of the single-process run, so every sample is computed in the
     # same batch as there, and a rank's records are one contiguous stretch of the record stream
-    starts = list(range(0, num_samples, batch_size))
-    mine = distributed.shard_range(len(starts), w)
-    first = starts[mine.start] if len(mine) else num_samples
-    last = min(starts[mine.stop - 1] + batch_size, num_samples) if len(mine) else num_samples
+    mine = distributed.shard_range(num_batches(num_samples, batch_size), w)
+    rows = batch_rows(num_samples, batch_size, mine)
     try:
         error: BaseException | None = None
         if w.active:
-            writer = RangeShardWriter(tmp, shard_size, first * steps, last * steps, num_samples * steps)
+            writer = RangeShardWriter(tmp, shard_size, rows.start * steps, rows.stop * steps, num_samples * steps)
         else:
             writer = ShardWriter(tmp, shard_size)
         try:
-            with _progress(progress, (last - first) * steps) as advance:
-                for start in starts[mine.start:mine.stop]:
-                    stop = min(start + batch_size, num_samples)
-                    cond = None if labels is None else labels[start:stop]
-                    label_col = torch.full((stop - start,), -1, dtype=torch.long) if cond is None else cond.clone()
-                    sample_col = torch.arange(start, stop, dtype=torch.long)
+            with _progress(progress, len(rows) * steps) as advance:
 
-                    def on_step(info: StepInfo, label_col: Tensor = label_col, sample_col: Tensor = sample_col) -> None:
+                def recorder(sl: slice, cond: Tensor | None) -> Callable[[StepInfo], None]:
+                    """The step callback of the batch of samples ``sl``: one record per sample per step."""
+                    b = sl.stop - sl.start
+                    label_col = torch.full((b,), -1, dtype=torch.long) if cond is None else cond.clone()
+                    sample_col = torch.arange(sl.start, sl.stop, dtype=torch.long)
+
+                    def on_step(info: StepInfo) -> None:
                         rec = _record(sampler, schedule, info)
                         _check_finite(rec, info)
                         rec["label"], rec["sample"] = label_col, sample_col
                         writer.add({k: rec[k] for k in RECORD_FIELDS})
                         advance(len(sample_col))
 
-                    run(model, x_T[start:stop].clone(), schedule, grid, cond=cond, callback=on_step)
+                    return on_step
+
+                generate(eps_model, schedule, shape, settings, num_classes=num_classes, null_label=null_label,
+                         timesteps=grid, batches=mine, step_callback_for=recorder)
             pieces = writer.close()
         except Exception as e:  # noqa: BLE001 - re-raised by agree(); the others must not wait for it
             error = e
@@ -286,7 +274,7 @@ def collect_trajectories(
                 shards = merge_fragments(tmp, [p for ps in pieces for p in ps]) if w.active else pieces[0]
                 _finish(tmp, out, cond_table, _manifest(
                     sampler=sampler, pairing=pairing, steps=steps, spacing=spacing, grid=grid, schedule=schedule,
-                    seed=seed, num_samples=num_samples, cfg=cfg, guided=model is not eps_model,
+                    seed=seed, num_samples=num_samples, cfg=cfg, guided=guided,
                     num_classes=num_classes, null_label=null_label, model_hash=model_hash, sample_shape=shape,
                     batch_size=batch_size, shard_size=shard_size, shards=shards))
             except Exception as e:  # noqa: BLE001 - re-raised by agree() below, on every rank

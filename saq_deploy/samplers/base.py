@@ -110,6 +110,19 @@ def first_order_step(schedule: VPSchedule, x: Tensor, eps: Tensor, t_from: float
     return (a_t / a_s) * x - (a_t * s_s / a_s - s_t) * eps
 
 
+def denoised_eps(schedule: VPSchedule, x: Tensor, eps: Tensor, t: float) -> Tensor:
+    """eps as the DPM-Solver / UniPC schedulers use it once ``thresholding`` (the schedule's x0
+    policy) has acted on the data prediction: x0 = (x - sigma eps) / alpha, thresholded, turned
+    back into eps. Unchanged when the policy does not threshold (these schedulers never apply
+    ``clip_sample``). The callbacks still report the model's own eps."""
+    policy = schedule.x0
+    if policy is None or not policy.applies(clip=False):
+        return eps
+    a, s, _ = schedule.coeffs(t)
+    x0 = policy.apply((x - s * eps) / a, clip=False)
+    return (x - a * x0) / s
+
+
 def stride_target(t: float, stride: int | None, next_t: float, terminal: float) -> float:
     """Where a DDIM/PLMS step from ``t`` lands: the next grid point, or with diffusers' fixed
     ``stride`` ``t - stride`` (the terminal point once that is negative)."""

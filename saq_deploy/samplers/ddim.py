@@ -45,14 +45,21 @@ def sample_ddim(
     terminal point once that is negative), not to the next grid point. The two agree for
     ``leading`` spacing, and for ``trailing`` when N divides T; pass ``stride=T//N``
     (:func:`~saq_deploy.schedules.ddim_stride`) to reproduce diffusers on any other grid.
-    Diffusers' ``clip_sample`` (clamping the x0 prediction) is not applied: set
-    ``clip_sample=False`` on a diffusers scheduler to compare.
+    The schedule's x0 policy (``clip_sample`` / ``thresholding`` of the model's scheduler config)
+    acts as in ``DDIMScheduler.step``: x_t = alpha_t clip(x0) + sigma_t eps, with the model's own
+    eps as the direction (diffusers' ``use_clipped_model_output=False``).
     """
     ts = check_grid(timesteps, schedule)
+    policy = schedule.x0
     for i, t in enumerate(ts[:-1]):
         eps = evaluate(eps_model, x, t, cond)
         t_to = stride_target(t, stride, ts[i + 1], ts[-1])
-        x_next = first_order_step(schedule, x, eps, t, t_to)
+        if policy is not None and policy.applies(clip=True):
+            a_s, s_s, _ = schedule.coeffs(t)
+            a_t, s_t, _ = schedule.coeffs(t_to)
+            x_next = a_t * policy.apply((x - s_s * eps) / a_s, clip=True) + s_t * eps
+        else:
+            x_next = first_order_step(schedule, x, eps, t, t_to)
         emit(callback, StepInfo(i, t, t_to, x, x_next, [EvalInfo(x, t, cond, eps, "outer")]))
         x = x_next
     return x

@@ -28,6 +28,7 @@ from saq_deploy.samplers.base import (
     StepCallback,
     StepInfo,
     check_grid,
+    denoised_eps,
     emit,
     evaluate,
     first_order_step,
@@ -87,16 +88,18 @@ def sample_dpm_solver_2(
             raise ConfigError("each intermediate timestep must lie inside its step [t_i, t_{i-1}]")
     for i in range(n):
         t_s, t_t, t_m = ts[i], ts[i + 1], mids[i]
-        eps = evaluate(eps_model, x, t_s, cond)
-        evals = [EvalInfo(x, t_s, cond, eps, "outer")]
+        raw = evaluate(eps_model, x, t_s, cond)
+        evals = [EvalInfo(x, t_s, cond, raw, "outer")]
+        eps = denoised_eps(schedule, x, raw, t_s)
         if t_t == CLEAN or t_m == CLEAN or t_m == t_s:
             x_next = first_order_step(schedule, x, eps, t_s, t_t)
         else:
             lam_s = schedule.coeffs(t_s)[2]
             lam_m, lam_t = schedule.coeffs(t_m)[2], schedule.coeffs(t_t)[2]
             u = first_order_step(schedule, x, eps, t_s, t_m)
-            eps_u = evaluate(eps_model, u, t_m, cond)
-            evals.append(EvalInfo(u, t_m, cond, eps_u, "intermediate"))
+            raw_u = evaluate(eps_model, u, t_m, cond)
+            evals.append(EvalInfo(u, t_m, cond, raw_u, "intermediate"))
+            eps_u = denoised_eps(schedule, u, raw_u, t_m)
             # r1 exactly when we placed s_i ourselves (so r1 = 1/2 is the paper's eps(u_i, s_i) form).
             r = r1 if intermediate is None else (lam_m - lam_s) / (lam_t - lam_s)
             x_next = first_order_step(schedule, x, eps + (eps_u - eps) / (2.0 * r), t_s, t_t)
@@ -137,6 +140,8 @@ def sample_dpmpp_2m(
         a_t, s_t, lam_t = schedule.coeffs(t_t)
         h = lam_t - lam_s
         x0 = (x - s_s * eps) / a_s
+        if schedule.x0 is not None:  # diffusers' thresholding of the data prediction (never clip_sample)
+            x0 = schedule.x0.apply(x0, clip=False)
         last = i == n - 1
         if prev_x0 is None or (last and (t_t == CLEAN or (lower_order_final and n < 15))):
             d = x0

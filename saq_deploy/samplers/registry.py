@@ -23,7 +23,7 @@ For ``plms``, NFE = N + 1 (N >= 2, one extra warm-up evaluation); the others tak
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -92,9 +92,19 @@ def run_sampler(
     spacing: str | None = None,
     cond: Tensor | None = None,
     callback: StepCallback | None = None,
+    timesteps: Tensor | Sequence[float] | None = None,
 ) -> Tensor:
     """Sample with ``name`` for ``num_steps`` steps on its default grid (see the module docstring);
-    ``spacing`` overrides the spacing (one of ``saq_deploy.schedules.SPACINGS``)."""
+    ``spacing`` overrides the spacing (one of ``saq_deploy.schedules.SPACINGS``).
+
+    ``timesteps``: an explicit grid instead (``num_steps + 1`` points, terminal last), run as given:
+    each step lands on the next point (no diffusers stride), so two samplers handed the same grid
+    share their outer points (a quantized DDIM-N and the FP DPM-Solver-2-N it is aligned to)."""
     sampler = get_sampler(name)
-    grid, knobs = default_grid(name, num_steps, schedule, spacing=spacing)
-    return sampler(eps_model, x, schedule, grid, cond=cond, callback=callback, **knobs)
+    if timesteps is None:
+        grid, knobs = default_grid(name, num_steps, schedule, spacing=spacing)
+        return sampler(eps_model, x, schedule, grid, cond=cond, callback=callback, **knobs)
+    n_points = len(timesteps)
+    if n_points != num_steps + 1:
+        raise ConfigError(f"an explicit grid for {num_steps} steps needs {num_steps + 1} points, got {n_points}")
+    return sampler(eps_model, x, schedule, timesteps, cond=cond, callback=callback)

@@ -112,6 +112,8 @@ def sample_unipc(
         a, s, lam = schedule.coeffs(t)
         eps = evaluate(eps_model, x, t, cond)
         m = (x - s * eps) / a
+        if schedule.x0 is not None:  # diffusers' thresholding of the data prediction (never clip_sample)
+            m = schedule.x0.apply(m, clip=False)
         evals = [EvalInfo(x, t, cond, eps, "outer")]
         if last_x is not None and (i - 1) not in disable_corrector:
             _, s_prev, lam_prev = schedule.coeffs(ts[i - 1])

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from saq_deploy.errors import ConfigError
+from saq_deploy.schedules.x0 import X0Policy
 
 CLEAN: float = -1.0
 """Sentinel timestep for the noise-free end point (alpha=1, sigma=0, lam=+inf)."""
@@ -52,6 +53,8 @@ class VPSchedule:
     """
 
     alphas_cumprod: Tensor = field(repr=False)
+    # what the scheduler config asks samplers to do to x0 (clip_sample / thresholding); None: nothing
+    x0: X0Policy | None = None
     _log_alpha: Tensor = field(init=False, repr=False)
 
     def __repr__(self) -> str:
@@ -97,7 +100,12 @@ class VPSchedule:
                 f"unsupported beta_schedule {items.get('beta_schedule')!r}; valid: linear, scaled_linear, "
                 "squaredcos_cap_v2 (or trained_betas)"
             ) from exc
-        return cls(ddpm.alphas_cumprod)
+        return cls(ddpm.alphas_cumprod, x0=X0Policy.from_config(items))
+
+    def with_x0(self, policy: X0Policy | None) -> VPSchedule:
+        """The same noise schedule with another x0 policy (None: no clipping / thresholding), for an
+        ablation or a comparison with a diffusers scheduler configured otherwise."""
+        return VPSchedule(self.alphas_cumprod, x0=policy)
 
     # -- table helpers ------------------------------------------------------------------------
     @property

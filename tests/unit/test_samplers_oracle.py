@@ -325,8 +325,9 @@ def test_nonuniform_grids_run_and_report_every_eval(toy, name, spacing):
 
 def test_convergence_order_on_gaussian_data():
     """For N(0, I) data eps(x, t) = sigma_t x exactly and the probability-flow ODE is the identity,
-    so the error is |x_0 - x_T|: DDIM is first order, lambda-midpoint DPM-Solver-2 second order."""
-    schedule = VPSchedule.from_diffusers(DDIMScheduler().config)
+    so the error is |x_0 - x_T|: DDIM is first order, lambda-midpoint DPM-Solver-2 second order.
+    (clip_sample off: N(0, I) data leaves [-1, 1], and clipping it is not the ODE.)"""
+    schedule = VPSchedule.from_diffusers(DDIMScheduler(clip_sample=False).config)
     exact_eps = lambda x, t, c: schedule.sigma(t).view(-1, 1).to(x) * x
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     err = {
@@ -342,7 +343,7 @@ def test_convergence_order_on_gaussian_data():
 def test_steps_into_clean_are_finite(name):
     """A last step into CLEAN (sigma = 0, lam = inf) lands on the x0 prediction, never 0 * inf;
     DPM-Solver-2 takes that step first-order (no finite lambda midpoint)."""
-    schedule = VPSchedule.from_diffusers(DDIMScheduler().config)
+    schedule = VPSchedule.from_diffusers(DDIMScheduler(clip_sample=False).config)
     exact_eps = lambda x, t, c: schedule.sigma(t).view(-1, 1).to(x) * x
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     steps: list[StepInfo] = []
@@ -352,3 +353,65 @@ def test_steps_into_clean_are_finite(name):
     assert steps[-1].t_to == CLEAN
     if name == "dpm-solver-2":
         assert [len(s.evals) for s in steps] == [2] * 5 + [1]
+
+
+# x0 clipping / thresholding from the scheduler config, against the diffusers scheduler with the
+# same keys on. The toy's x0 stays O(1), so clip range 0.5 and thresholding with max 1.5 both act.
+X0_CONFIGS = {
+    "clip": {"clip_sample": True, "clip_sample_range": 0.5},
+    "threshold": {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+}
+X0_ORACLES = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+
+
+@pytest.mark.parametrize("name", list(X0_ORACLES))
+@pytest.mark.parametrize("mode", list(X0_CONFIGS))
+def test_x0_policy_from_config_matches_diffusers(toy, name, mode):
+    # a DDPM-style config with the keys on, as a model folder holds it; the DPM-Solver++ and UniPC
+    # schedulers have no clip_sample and drop it in from_config: ours must ignore it there too
+    config = dict(DDIMScheduler(**X0_CONFIGS[mode]).config)
+    schedule = VPSchedule.from_diffusers(config)
+    assert schedule.x0 is not None
+    ours = run_sampler(name, TorchEpsModel(toy), _noise(), schedule, 6, spacing="trailing")
+    oracle = X0_ORACLES[name].from_config(config, timestep_spacing="trailing")
+    ref = _diffusers_loop(oracle, toy, _noise(), 6)
+    plain = run_sampler(name, TorchEpsModel(toy), _noise(), schedule.with_x0(None), 6, spacing="trailing")
+    assert (ours - ref).abs().max().item() <= _limit(name, True)
+    acts = name == "ddim" or mode == "threshold"
+    assert ((ours - plain).abs().max().item() > 1e-3) == acts  # the option changed the samples, or not
+
+
+def test_dpm_solver_2_thresholding_is_diffusers_threshold_on_eps(toy):
+    """DPM-Solver-2 (noise form) thresholds as DPMSolverSinglestepScheduler(algorithm_type="dpmsolver")
+    does: x0 from eps, thresholded, back to eps. That diffusers path itself fails (it indexes its
+    alpha table with the step's timestep argument, which is None in diffusers 0.3x), so the oracle
+    is diffusers' own _threshold_sample on a wrapped model, and the solver is the one tested above."""
+    config = dict(DDIMScheduler(**X0_CONFIGS["threshold"]).config)
+    schedule = VPSchedule.from_diffusers(config)
+    thresh = DDIMScheduler.from_config(config)._threshold_sample
+
+    def thresholded(x, t, c):
+        eps = TorchEpsModel(toy)(x, t, c)
+        a, s = schedule.alpha(t).view(-1, 1, 1, 1).to(x), schedule.sigma(t).view(-1, 1, 1, 1).to(x)
+        return (x - a * thresh((x - s * eps) / a)) / s
+
+    grid = get_timesteps("logsnr", 5, schedule, convention="dpm", terminal=0)
+    ours = sample_dpm_solver_2(TorchEpsModel(toy), _noise(), schedule, grid)
+    ref = sample_dpm_solver_2(thresholded, _noise(), schedule.with_x0(None), grid)
+    plain = sample_dpm_solver_2(TorchEpsModel(toy), _noise(), schedule.with_x0(None), grid)
+    assert (ours - ref).abs().max().item() <= TIGHT
+    assert (ours - plain).abs().max().item() > 1e-3
+
+
+def test_x0_policy_reads_only_what_the_config_asks():
+    from saq_deploy.schedules.x0 import X0Policy
+
+    assert X0Policy.from_config({"clip_sample": False, "thresholding": False}) is None
+    assert X0Policy.from_config({}) is None
+    p = X0Policy.from_config({"clip_sample": True, "clip_sample_range": 2.0})
+    assert p.clip_range == 2.0 and p.threshold_ratio is None
+    x0 = torch.tensor([[[-3.0, 0.5, 2.5]]])
+    assert torch.equal(p.apply(x0, clip=True), torch.tensor([[[-2.0, 0.5, 2.0]]]))
+    assert torch.equal(p.apply(x0, clip=False), x0)  # samplers whose diffusers scheduler never clips
+    with pytest.raises(ConfigError, match="dynamic_thresholding_ratio"):
+        X0Policy(threshold_ratio=1.5)
