@@ -71,7 +71,7 @@ def commands(work: Path, run: Path) -> dict[str, dict]:
         "calibrate sa-qlora": {"argv": cli("calibrate", "-c", str(qlora_recipe(work)), "-o", str(run / "cal"),
                                            *SMALL, "--epochs", "3"), "input": None},
         "export": {"argv": cli("export", str(art), "--calib-samples", "2"), "input": "calibrated"},
-        "build-engine": {"argv": cli("build-engine", str(art)), "input": "exported"},
+        "build-engine": {"argv": cli("build-engine", str(art), "--backend", "onnxruntime"), "input": "exported"},
     }
 
 

@@ -13,6 +13,9 @@ from saq_deploy.backends.registry import BACKENDS
 
 # the choices come from the backend registry (saq_deploy.backends.registry): one list of names
 Backend = Enum("Backend", {name: name for name in BACKENDS}, type=str)
+# build-engine only: "auto" builds the fastest usable backend here (saq_deploy.backends.auto); it is
+# a CLI choice, not a backend
+BuildBackend = Enum("BuildBackend", {"auto": "auto", **{name: name for name in BACKENDS}}, type=str)
 
 
 class Target(str, Enum):
@@ -58,7 +61,7 @@ def export_cmd(
 
 def build_engine_cmd(
     artifact: ArtifactArg,
-    backend: BackendOpt = Backend.onnxruntime,
+    backend: Annotated[BuildBackend, typer.Option("--backend", "-b", case_sensitive=False, help="Engine backend. auto: TensorRT when it and a CUDA GPU are usable, else the CPU backend (onnxruntime, openvino) that runs this model fastest on this machine, measured (each is built and timed; the loser is removed).")] = BuildBackend.auto,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Engine folder to write (default: <artifact>/engine, engine-tensorrt or engine-openvino).")] = None,
     onnx_file: Annotated[Path | None, typer.Option("--onnx", help="Build from this Q/DQ ONNX instead of the artifact's own export (must have the same inputs).")] = None,
     profile: Annotated[Path | None, typer.Option("--profile", "-p", help="TensorRT build profile (engines/profiles/*.toml).")] = None,
@@ -71,10 +74,15 @@ def build_engine_cmd(
     from saq_deploy.backends.build import build_engine
 
     # the export takes minutes: say why build-engine is busy before it starts
-    out = build_engine(artifact, backend.value, output, onnx_file=onnx_file, providers=provider,
-                       opt_level=opt_level.value, max_batch=max_batch, profile=profile, threads=threads,
-                       note=lambda line: typer.echo(line, err=True))
-    typer.echo(f"wrote {out}/ ({backend.value} engine); next: saq-deploy validate {artifact} --backend {backend.value}")
+    opts = {"onnx_file": onnx_file, "providers": provider, "opt_level": opt_level.value, "max_batch": max_batch,
+            "profile": profile, "threads": threads, "note": lambda line: typer.echo(line, err=True)}
+    if backend.value == "auto":
+        from saq_deploy.backends.auto import pick_backend
+
+        name, out = pick_backend(artifact, output, **opts)
+    else:
+        name, out = backend.value, build_engine(artifact, backend.value, output, **opts)
+    typer.echo(f"wrote {out}/ ({name} engine); next: saq-deploy validate {artifact} --backend {name}")
 
 
 def validate_cmd(

@@ -83,7 +83,7 @@ def test_build_engine_killed_mid_build_is_cleaned_by_the_next(art, tmp_path, cap
             return res
         B.build = stalled
         from saq_deploy.cli.app import main
-        main(["build-engine", {str(art)!r}, "-o", {str(out)!r}])
+        main(["build-engine", {str(art)!r}, "-b", "onnxruntime", "-o", {str(out)!r}])
     """)
     child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
