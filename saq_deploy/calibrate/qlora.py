@@ -317,7 +317,8 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
                 if world.active:
                     x_T, labels = x_T[mine.start:mine.stop], None if labels is None else labels[mine.start:mine.stop]
                 pairs = teacher_pairs(fp_eps, schedule, x_T, labels, steps, spacing=c.spacing, teacher=teacher,
-                                      target=target, orientation=c.orientation, mota_weight=c.mota_weight)
+                                      target=target, orientation=c.orientation,
+                                      mota_weight=0.0 if epoch < q.same_point_epochs else c.mota_weight)
                 for (x, t, tgt), w in zip(pairs, weights[steps], strict=True):
                     with torch.enable_grad(), batch_share(share if world.active else 1.0):
                         eps = student_eps(unet, x, t, labels, loaded.null_label, c.cfg, groups, T,
@@ -348,6 +349,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
         "target": "fp_intermediate" if target == "intermediate" else "fp_same_point",
         "orientation": c.orientation if target == "intermediate" else None,
         "mota_weight": c.mota_weight if target == "intermediate" else None,
+        "same_point_epochs": q.same_point_epochs if target == "intermediate" else None,
         "rank": q.rank, "alpha": q.alpha, "lr": q.lr, "lr_scale": q.lr_scale, "lr_act": q.lr_act,
         "epochs": q.epochs, "mixstep": list(q.mixstep), "optimizer_steps": q.epochs * per_epoch,
         "cos_weight": q.cos_weight, "step_weight": q.step_weight, "batch_size": q.batch_size, "seed": q.seed,

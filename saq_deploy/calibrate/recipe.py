@@ -179,6 +179,9 @@ class QLoRASection:
     seed: int = 3407  # LoRA init and the per-epoch x_T / labels (the authors' 3407 + epoch)
     teacher: str = "auto"  # FP trajectory: auto = dpm-solver-2 for sa-qlora, ddim for qlora-mse
     step_weight: str = "uniform"  # uniform (the authors) | state: weight each step by the sampler's eps gain
+    # two-stage SA-QLoRA (the authors' retrain script): the first k epochs train towards the FP eps at
+    # the student's own point of the same trajectory (same order), the rest towards the MOTA target
+    same_point_epochs: int = 0
 
     def __post_init__(self) -> None:
         mix = self.mixstep
@@ -192,6 +195,10 @@ class QLoRASection:
                 raise ConfigError(f"qlora.{name} must be an integer >= 1, got {v!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"qlora.seed must be an integer >= 0, got {self.seed!r}")
+        k = self.same_point_epochs
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.epochs:
+            raise ConfigError(f"qlora.same_point_epochs must be an integer in 0..epochs-1 ({self.epochs - 1}), "
+                              f"got {k!r}")
         for name in ("alpha", "lr", "lr_scale", "lr_act", "cos_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -229,8 +236,19 @@ class Recipe:
     qlora: QLoRASection = field(default_factory=QLoRASection)
     prompts: PromptsSection = field(default_factory=PromptsSection)
 
+    def __post_init__(self) -> None:
+        m = get_method(self.calibration.method)
+        if self.qlora.same_point_epochs and not (m.fine_tunes and m.mota):
+            raise ConfigError(f"qlora.same_point_epochs is the first stage of a two-stage sa-qlora run; "
+                              f"method '{m.name}' has one target throughout: leave it at 0")
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        # keys added later leave recipe.json (and so the recipe hash) as before while at their default
+        if data["calibration"]["mota_weight"] == 1.0:
+            data["calibration"].pop("mota_weight")
+        if data["qlora"]["same_point_epochs"] == 0:
+            data["qlora"].pop("same_point_epochs")
         if not get_method(self.calibration.method).fine_tunes:
             # other methods ignore [qlora]: leaving it out keeps their recipe.json and hash as before
             data.pop("qlora")

@@ -75,3 +75,31 @@ def test_qlora_blend_is_the_closed_form_mix_of_the_two_fp_eps():
 def test_bad_mota_weight_is_one_clear_error(method, w, match):
     with pytest.raises(ConfigError, match=match):
         Recipe().with_overrides({"calibration.method": method, "calibration.mota_weight": w})
+
+
+QLORA = {"calibration.num_samples": 4, "calibration.steps": 3, "qlora.epochs": 2, "qlora.mixstep": (3,),
+         "qlora.batch_size": 2, "qlora.rank": 4}
+
+
+def _history(model, tmp_path, name: str, **extra) -> list[float]:
+    recipe = Recipe().with_overrides({**QLORA, "model.spec": str(model), "calibration.method": "sa-qlora", **extra})
+    out = calibrate(recipe, tmp_path / name)
+    return [h["loss"] for h in load_artifact(out).manifest["qlora"]["loss_history"]]
+
+
+@pytest.mark.slow
+def test_two_stage_sa_qlora_trains_same_point_first_then_mota(model, tmp_path):
+    """Same seeds throughout, so epoch 1 of the two-stage run is epoch 1 of the w = 0 run exactly,
+    and epoch 2 leaves it (the MOTA target from then on)."""
+    two = _history(model, tmp_path, "two", **{"qlora.same_point_epochs": 1})
+    same = _history(model, tmp_path, "same", **{"calibration.mota_weight": 0.0})
+    mota = _history(model, tmp_path, "mota")
+    assert two[0] == same[0] and two[0] != mota[0]
+    assert two[1] != same[1]
+
+
+@pytest.mark.parametrize("method,k,match", [("qlora-mse", 1, "two-stage sa-qlora"),
+                                            ("sa-qlora", 20, r"0\.\.epochs-1")])
+def test_bad_same_point_epochs_is_one_clear_error(method, k, match):
+    with pytest.raises(ConfigError, match=match):
+        Recipe().with_overrides({"calibration.method": method, "qlora.same_point_epochs": k})
