@@ -28,7 +28,7 @@ def _targets(r: dict, fp_ddim: dict, fp_dpm2: dict) -> dict[str, str]:
 
 def render(meta: dict, rows: list[dict]) -> str:
     seeds = meta["seeds"]
-    fp = {(r["sampler"], r["seed"]): r for r in rows if r["model"] == "fp32" and "(testbed)" in r["grid"]}
+    fp = {(r["sampler"], r["seed"]): r for r in rows if r["model"] == "fp32" and r["grid"].endswith("(testbed)")}
     lines = [f"# Testbed: `builtin:digits` at {meta['steps']} steps, {meta['spacing']} grid, {meta['bits']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              (f"n = {meta['n']} per row, CFG {meta['cfg']}, labels cycling 0-9; outer grid "
