@@ -70,9 +70,12 @@ def calibrated(method: str, args) -> tuple[Path, float]:
     from saq_deploy.calibrate.run import calibrate
 
     recipe = recipe_for(method, args.bits, args.steps, args.spacing, args.iters)
+    if args.full_int8:  # attention matmuls and softmax probabilities quantized too
+        recipe = recipe.with_overrides({"quant.attention_matmul": True})
     if args.quick:
         recipe = recipe.with_overrides({"calibration.num_samples": 8})
-    out = args.work / f"{args.bits}-{method}-{args.spacing}{args.steps}{'-quick' if args.quick else ''}"
+    tag = f"{args.bits}{'-int8attn' if args.full_int8 else ''}"
+    out = args.work / f"{tag}-{method}-{args.spacing}{args.steps}{'-quick' if args.quick else ''}"
     want = json.loads(json.dumps(recipe.to_dict()))
     if (out / "recipe.json").exists() and json.loads((out / "recipe.json").read_text()) == want:
         return out, json.loads((out / "manifest.json").read_text())["wall_time_s"]
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/testbed")
     ap.add_argument("--notes", type=Path, default=None, help="markdown appended below the tables")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="only merge these parts into --out")
+    ap.add_argument("--full-int8", action="store_true", help="W8A8 with attention matmuls quantized (quant.attention_matmul)")
     ap.add_argument("--pairs", default="", help="A:B,... paired FID difference between two methods' rows")
     ap.add_argument("--quick", action="store_true", help="CI smoke: n 64, minmax, 8 calibration samples")
     args = ap.parse_args(argv)
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             x = quantized_samples(q, path, method, clip, seeds[0], args, grid)
             met, feats = score(x, labels, args, seeds[0])
-            rows.append({"model": method + (" + clip_sample" if clip else ""), "bits": args.bits, "sampler": "ddim",
+            rows.append({"model": method + (" + clip_sample" if clip else ""),
+                         "bits": args.bits + (" full-INT8" if args.full_int8 else ""), "sampler": "ddim",
                          "grid": f"{n_tag} (testbed)", "seed": seeds[0], **met,
                          **paired(x, feats, refs["ddim"], refs["dpm-solver-2"], args, met["features"]),
                          "calib_s": round(calib_s, 1), "wall_s": round(time.perf_counter() - t0, 1)})
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads, "
                        f"load average at the end {' '.join(load)}",
             "versions": package_versions(), "n": args.n, "steps": args.steps, "spacing": args.spacing,
-            "bits": args.bits, "cfg": args.cfg, "seeds": seeds, "grid": [float(t) for t in grid]}
+            "bits": args.bits + (" full-INT8 (attention matmuls quantized)" if args.full_int8 else ""), "cfg": args.cfg, "seeds": seeds, "grid": [float(t) for t in grid]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
     with atomic_path(args.out.with_suffix(".md")) as tmp:
