@@ -78,9 +78,14 @@ def test_qlora_loss_curve_and_weights_match(runs):
     ha = json.loads((one / "qlora/manifest.json").read_text())["qlora"]["loss_history"]
     hb = json.loads((two / "qlora/manifest.json").read_text())["qlora"]["loss_history"]
     assert len(ha) == len(hb) == 3
+    # one optimizer step per epoch (mixstep [1]): epoch 1's loss is computed before any update and
+    # must agree to float tolerance; after updates the two runs' float-order differences (gloo's
+    # all-reduce vs one backward over the whole batch; CPU kernels chosen by batch size) move the
+    # fake-quant rounding and grow step by step (seen: 1e-7, 1e-6, 1e-4 on an Intel Xeon), so the
+    # later epochs are held to 1e-3
     for ea, eb in zip(ha, hb, strict=True):
         for k in ("loss", "mse", "one_minus_cos"):
-            assert eb[k] == pytest.approx(ea[k], rel=1e-5), (ea["epoch"], k)
+            assert eb[k] == pytest.approx(ea[k], rel=1e-5 if ea["epoch"] == 1 else 1e-3), (ea["epoch"], k)
     sa, sb = load_file(str(one / "qlora/calibrated.safetensors")), load_file(str(two / "qlora/calibrated.safetensors"))
     assert sa.keys() == sb.keys()
     for k in sa:
