@@ -4,7 +4,7 @@ Usage (defaults = the committed table, docs/results/testbed.md):
   python benchmarks/testbed.py [--n 2000] [--seeds 1000,5000] [--steps 5] [--spacing logsnr]
       [--bits w4a8] [--methods minmax,brecq,sa-ptq,qlora-mse,sa-qlora] [--out runs/testbed/part]
   python benchmarks/testbed.py --merge runs/testbed/a.json runs/testbed/b.json --out docs/results/testbed
-  python benchmarks/testbed.py --quick --out /tmp/tb   # the CI smoke: n 64, minmax only
+  python benchmarks/testbed.py --quick --out /tmp/tb   # the CI smoke: n 64, minmax and mse
 
 The grid is DPM-Solver-2's outer grid at N steps (`--spacing`, terminal 0), and every quantized
 artifact is calibrated on that grid at that N (its trajectories, and QLoRA's mixstep N, 2N, 4N). A
@@ -34,12 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from quality import _cached_calibration
 from stats import fid_with_ci, mean_ci, paired_fid_delta, paired_psnr, per_sample_mse, wilson
 from testbed_report import merge, render
 
 RECIPES = {m: f"digits_{{bits}}_{m}.toml" for m in ("minmax", "brecq", "sa-ptq", "qlora-mse", "sa-qlora")}
 # variants: name -> (base method's recipe, extra overrides); each is one row of the ablation
 VARIANTS = {
+    "mse": ("minmax", {"calibration.method": "mse"}),  # the observer baseline shares minmax's recipe
     "sa-ptq-reverse": ("sa-ptq", {"calibration.orientation": "intermediate_to_outer"}),
     "sa-qlora-n": ("sa-qlora", {"qlora.mixstep": "N"}),  # only the deployment step count
     "sa-qlora-2stage": ("sa-qlora", {"qlora.same_point_epochs": 10}),  # same order first, then MOTA
@@ -66,26 +68,15 @@ def recipe_for(method: str, bits: str, steps: int, spacing: str, iters: int | No
 
 
 def calibrated(method: str, args) -> tuple[Path, float]:
-    """Calibrate once into runs/testbed/; re-used while the recipe is unchanged."""
-    from saq_deploy.calibrate.run import calibrate
-
+    """Calibrate once into runs/testbed/; re-used while the recipe is unchanged (quality.py's cache)."""
     recipe = recipe_for(method, args.bits, args.steps, args.spacing, args.iters)
     if args.full_int8:  # attention matmuls and softmax probabilities quantized too
         recipe = recipe.with_overrides({"quant.attention_matmul": True})
     if args.quick:
         recipe = recipe.with_overrides({"calibration.num_samples": 8})
     tag = f"{args.bits}{'-int8attn' if args.full_int8 else ''}"
-    out = args.work / f"{tag}-{method}-{args.spacing}{args.steps}{'-quick' if args.quick else ''}"
-    want = json.loads(json.dumps(recipe.to_dict()))
-    if (out / "recipe.json").exists() and json.loads((out / "recipe.json").read_text()) == want:
-        return out, json.loads((out / "manifest.json").read_text())["wall_time_s"]
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    calibrate(recipe, out)
-    return out, time.perf_counter() - t0
+    return _cached_calibration(recipe, args.work / f"{tag}-{method}-{args.spacing}{args.steps}"
+                                              f"{'-quick' if args.quick else ''}")
 
 
 def draw(eps, loaded, sampler: str, steps: int, seed: int, args, grid=None, spacing=None,
@@ -207,13 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="only merge these parts into --out")
     ap.add_argument("--full-int8", action="store_true", help="W8A8 with attention matmuls quantized (quant.attention_matmul)")
     ap.add_argument("--pairs", default="", help="A:B,... paired FID difference between two methods' rows")
-    ap.add_argument("--quick", action="store_true", help="CI smoke: n 64, minmax, 8 calibration samples")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: n 64, minmax and mse, 8 calibration samples")
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out, args.notes)
     if args.quick:
-        args.n, args.methods, args.resamples, args.seeds = 64, "minmax", 20, args.seeds.split(",")[0] + ",1"
-        args.pairs = "minmax:minmax" if not args.pairs else args.pairs
+        args.n, args.methods, args.resamples, args.seeds = 64, "minmax,mse", 20, args.seeds.split(",")[0] + ",1"
+        args.pairs = args.pairs or "mse:minmax"
     torch.manual_seed(0)
     fp = load_model("builtin:digits")
     fp_eps = fp.eps_model()

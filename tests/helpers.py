@@ -237,3 +237,13 @@ def digits_recipe(bits: str, method: str, *, num_samples: int, steps: int, **tab
                 "calibration": {"method": method, "num_samples": num_samples, "steps": steps}, **tables}
     return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items())
                    for name, keys in sections.items())
+
+
+def linear_schedule(num_train_timesteps: int = 1000):
+    """The DDPM linear-beta VP schedule (1e-4 .. 0.02), built without diffusers: the toy eps models'."""
+    import torch
+
+    from saq_deploy.schedules import VPSchedule
+
+    betas = torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64)
+    return VPSchedule(torch.cumprod(1.0 - betas, 0))

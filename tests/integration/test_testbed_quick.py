@@ -34,7 +34,11 @@ def test_quick_run_writes_a_consistent_table(tmp_path, monkeypatch):
     # the DDIM default grid on logsnr is the testbed grid up to its convention: nearly the same samples
     same = fp[("ddim", "logsnr5 (ddim default)", seeds[0])]
     assert same["psnr_vs_fp_ddim"] > 35
-    pair = next(r for r in rows if r.get("kind") == "pair")  # minmax vs itself: the zero of the comparison
-    assert pair["fid_delta"] == 0 and pair["mse_between"] == 0
+    # the paired comparison re-reads both methods' samples: its FID difference is the two rows' own
+    mse = next(r for r in rows if r["model"] == "mse" and r.get("kind") != "pair")
+    pair = next(r for r in rows if r.get("kind") == "pair")
+    assert pair["model"] == "mse vs minmax"
+    assert pair["fid_delta"] == pytest.approx(mse["digit_fid"] - row["digit_fid"], abs=1e-6)
+    assert pair["fid_delta_ci"][0] <= pair["fid_delta"] <= pair["fid_delta_ci"][1] and pair["mse_between"] > 0
     md = (tmp_path / "tb.md").read_text()
     assert "| minmax |" in md and "(a) FID ≤ FP DDIM" in md

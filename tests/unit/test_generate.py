@@ -14,14 +14,14 @@ from saq_deploy.generate import SampleSettings, batch_rows, class_labels, genera
 from saq_deploy.models.guidance import ClassifierFreeGuidance
 from saq_deploy.samplers import sample_ddim
 from saq_deploy.schedules import VPSchedule
+from tests.helpers import linear_schedule
 
 SHAPE = (1, 2, 2)
 NULL = 3
 
 
 def _schedule() -> VPSchedule:
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    return VPSchedule(torch.cumprod(1.0 - betas, 0))
+    return linear_schedule()
 
 
 class Toy:

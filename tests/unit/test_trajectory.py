@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file
 from saq_deploy.calibrate import TrajectoryDataset, collect_trajectories
 from saq_deploy.errors import ConfigError, SaqError
 from saq_deploy.schedules import VPSchedule
+from tests.helpers import linear_schedule
 
 SHAPE = (1, 2, 2)
 NULL = 3
 
 
 def _schedule() -> VPSchedule:
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    return VPSchedule(torch.cumprod(1.0 - betas, 0))
+    return linear_schedule()
 
 
 class Toy:
