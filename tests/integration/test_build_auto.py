@@ -167,3 +167,39 @@ def test_cli_profile_without_tensorrt_refused_before_any_build(art, tmp_path, ca
     assert code == 2 and "--profile" in err and "does not apply to --backend onnxruntime" in err, err
     assert "made unusable by the test" in err  # why TensorRT is not the pick
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]
+
+
+def test_auto_pick_times_a_cross_attention_unet_on_its_own_inputs(tmp_path):
+    """A text UNet (encoder_hidden_states input, odd widths, not the reference model): the timing
+    feeds follow the engine's own inputs, and the kept engine runs on prompt embeddings."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
+
+    from saq_deploy.backends.engine import load_engine
+    from saq_deploy.calibrate.artifact import load_artifact
+    from saq_deploy.calibrate.recipe import Recipe
+    from saq_deploy.calibrate.run import calibrate
+    from tests.helpers import LDM_SCHEDULE, save_unet_folder, tiny_unet_cond
+
+    model = save_unet_folder(tmp_path / "unet", tiny_unet_cond(), scheduler=False)
+    DDPMScheduler(num_train_timesteps=1000, **LDM_SCHEDULE).save_pretrained(model)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 5, 12, generator=g), torch.randn(1, 5, 12, generator=g)
+    save_file({"cond": cond, "uncond": uncond}, str(tmp_path / "emb.safetensors"))
+    recipe = Recipe().with_overrides({"model.spec": str(model), "calibration.method": "minmax",
+                                      "calibration.num_samples": 4, "calibration.steps": 3,
+                                      "prompts.embeddings_file": str(tmp_path / "emb.safetensors")})
+    art = calibrate(recipe, tmp_path / "art")
+    lines: list[str] = []
+    name, out = pick_backend(art, note=lines.append, rounds=2, warmup=1)
+    record = json.loads((out / "manifest.json").read_text())["auto_pick"]
+    assert record["picked"] == name and all(ms > 0 for ms in record["candidates"].values())
+    assert any("picked " + name in line for line in lines)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0, 990.0])
+    with torch.no_grad():
+        eng = load_engine(out).eps_model()(x, t, cond)
+        fq = load_artifact(art).eps_model()(x, t, cond)
+    assert eng.shape == fq.shape and torch.isfinite(eng).all()
+    # the same quantized model (random-weight UNet, inputs off its calibration trajectories: 0.98 seen;
+    # the parity gate on real trajectories is tested in test_export_engine and test_digits_text)
+    assert float(torch.nn.functional.cosine_similarity(eng.flatten(), fq.flatten(), dim=0)) > 0.95
