@@ -46,6 +46,8 @@ VARIANTS = {
     "sa-qlora-n": ("sa-qlora", {"qlora.mixstep": "N"}),  # only the deployment step count
     "sa-qlora-2stage": ("sa-qlora", {"qlora.same_point_epochs": 10}),  # same order first, then MOTA
     "sa-qlora-40ep": ("sa-qlora", {"qlora.epochs": 40}),  # a longer schedule
+    # K timestep groups of activation steps: deployable as K engines sharing one set of weights
+    **{f"{m}-g{k}": (m, {"quant.act_timestep_groups": k}) for m in ("minmax", "qlora-mse", "sa-qlora") for k in (2, 4)},
     **{f"sa-ptq-w{w:g}": ("sa-ptq", {"calibration.mota_weight": w}) for w in (0.25, 0.5, 0.75)},
     **{f"sa-qlora-w{w:g}": ("sa-qlora", {"calibration.mota_weight": w}) for w in (0.25, 0.5, 0.75)},
 }
