@@ -59,8 +59,9 @@ class Model:
         else:
             from diffusers import UNet2DConditionModel
 
-            torch.manual_seed(0)  # SD-1.5 UNet config (diffusers defaults = SD-1.x), random weights
-            self.unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768, attention_head_dim=8).eval()
+            torch.manual_seed(0)  # SD-1.5 UNet config (diffusers defaults = SD-1.x), random weights; sd15-tiny: smoke runs
+            small = {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1} if name == "sd15-tiny" else {}
+            self.unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768, attention_head_dim=8, **small).eval()
             self.loaded, self.kind, self.shape, self.cond_shape = None, "text", (4, 32, 32), (77, 768)
 
     def batch(self, b: int, seed: int = 0) -> dict[str, torch.Tensor]:
