@@ -50,6 +50,10 @@ VARIANTS = {
     **{f"{m}-g{k}": (m, {"quant.act_timestep_groups": k}) for m in ("minmax", "qlora-mse", "sa-qlora") for k in (2, 4)},
     **{f"sa-ptq-w{w:g}": ("sa-ptq", {"calibration.mota_weight": w}) for w in (0.25, 0.5, 0.75)},
     **{f"sa-qlora-w{w:g}": ("sa-qlora", {"calibration.mota_weight": w}) for w in (0.25, 0.5, 0.75)},
+    # + the network stage (docs/design/method.md §4.1): 100 joint iterations of batch 32 through the whole
+    # UNet, ~5 passes over the testbed's 640 CFG rows; measured on digits_w4a8_sa-ptq.toml (10 steps):
+    # 81 s of a 460 s calibration on one CPU thread (final-eps loss -4 %)
+    **{f"{m}-net": (m, {"reconstruction.network_iters": 100}) for m in ("sa-ptq", "brecq")},
 }
 
 

@@ -16,7 +16,9 @@ Schema (every key optional; defaults below)::
                       mota_weight = 1.0  # MOTA methods: target (1-w) FP(student's point) + w FP(target point)
     [reconstruction]  iters = 300, batch_size = 32, lr_round = 1e-2, lr_act = 1e-3 (relative),
                       round_weight = 0.01, beta_start = 20.0, beta_end = 2.0, warmup = 0.2,
-                      cos_weight = 0.0, max_inputs = 2048
+                      cos_weight = 0.0, max_inputs = 2048,
+                      network_iters = 0  # brecq / sa-ptq: then train all blocks on the final eps
+                      network_lr_scale = 10.0  # that stage's lr_round / lr_act factor
     [qlora]           (methods sa-qlora / qlora-mse) rank = 32, alpha = 32.0, lr = 4e-4 (LoRA, relative
                       to each layer's mean weight scale), lr_scale = 1e-4, lr_act = 1e-3 (relative),
                       epochs = 20, mixstep = [5, 10, 20], cos_weight = 2.0, batch_size = 8,
@@ -45,6 +47,7 @@ METHODS = METHOD_NAMES  # the registry in calibrate.methods owns the names
 BITS = ("w8a8", "w4a8", "w4a4")
 DATA_SAMPLERS = ("dpm-solver-2", "plms", "ddim")
 ORIENTATIONS = ("outer_to_intermediate", "intermediate_to_outer")
+NETWORK_LR_SCALE = 10.0  # reconstruction.network_lr_scale's default (dropped from to_dict there)
 
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
@@ -149,12 +152,27 @@ class ReconstructionSection:
     warmup: float = 0.2
     cos_weight: float = 0.0
     max_inputs: int = 2048  # block inputs kept in memory per block (a seeded subset if more)
+    # network stage (calibrate.network_stage): after the blocks, this many iterations training every
+    # block's rounding and steps jointly on the UNet's final eps; 0 = off (block-wise only)
+    network_iters: int = 0
+    # the stage starts AdaRound at the decided codes (h near 0 or 1), not at the fractional part: a flip
+    # must carry h across 0.5 from the edge, so it needs larger rates than a block to move at all in a
+    # few hundred iterations (tiny UNet, 100 iterations: x1 and x3 left the loss where it was, x10 cut
+    # it by 20-45 %; docs/design/method.md §4.1)
+    network_lr_scale: float = NETWORK_LR_SCALE  # the stage's lr_round and lr_act = the block stage's x this
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "max_inputs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"reconstruction.{name} must be an integer >= 1, got {v!r}")
+        k = self.network_iters
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"reconstruction.network_iters must be an integer >= 0 (0 = no network stage), "
+                              f"got {k!r}")
+        v = self.network_lr_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"reconstruction.network_lr_scale must be a finite number > 0, got {v!r}")
         for name in ("lr_round", "lr_act", "round_weight", "beta_start", "beta_end", "cos_weight"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -241,12 +259,20 @@ class Recipe:
         if self.qlora.same_point_epochs and not (m.fine_tunes and m.mota):
             raise ConfigError(f"qlora.same_point_epochs is the first stage of a two-stage sa-qlora run; "
                               f"method '{m.name}' has one target throughout: leave it at 0")
+        r = self.reconstruction
+        if (r.network_iters or r.network_lr_scale != NETWORK_LR_SCALE) and not m.reconstructs:
+            raise ConfigError(f"reconstruction.network_iters / network_lr_scale are the network stage of block "
+                              f"reconstruction (brecq, sa-ptq); method '{m.name}' reconstructs no blocks: "
+                              "leave them at their defaults")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         # keys added later leave recipe.json (and so the recipe hash) as before while at their default
         if data["calibration"]["mota_weight"] == 1.0:
             data["calibration"].pop("mota_weight")
+        for key, default in (("network_iters", 0), ("network_lr_scale", NETWORK_LR_SCALE)):
+            if data["reconstruction"][key] == default:
+                data["reconstruction"].pop(key)
         if data["qlora"]["same_point_epochs"] == 0:
             data["qlora"].pop("same_point_epochs")
         if not get_method(self.calibration.method).fine_tunes:

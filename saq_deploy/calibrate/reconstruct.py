@@ -88,15 +88,27 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
 
     ``timesteps`` (N,) are the UNet timesteps of the student inputs (for timestep-group scales).
     Deterministic for a given ``seed`` on CPU, which makes resume bit-identical."""
-    from saq_deploy.quant.adaround import beta_schedule
-    from saq_deploy.quant.quantizer import batch_share
-
     layers = quant_layers(block)
     before = block_loss(block, inputs, targets, timesteps, s)
     if not layers or s.iters == 0:
         return {"loss_before": before, "loss_after": before, "iters": 0}
     for layer in layers:
         layer.weight_quant.start_adaround(layer.fp_weight())
+    train_rounding(block, layers, inputs.n, lambda idx: _data_loss(block, inputs, idx, targets, timesteps, s), s,
+                   seed=seed, on_iter=on_iter)
+    after = block_loss(block, inputs, targets, timesteps, s)
+    return {"loss_before": before, "loss_after": after, "iters": s.iters}
+
+
+def train_rounding(module: nn.Module, layers: list[nn.Module], n: int, data_loss, s: ReconSettings, *,
+                   seed: int, on_iter=None) -> None:
+    """AdaRound + LSQ training of ``layers`` (their AdaRound already started) inside ``module`` on
+    ``data_loss(idx)``, a batch-mean loss over the records ``idx`` of ``n``; ends with hard rounding.
+    Shared by the block stage and the network stage (calibrate.network_stage), so both train the
+    same way: the same optimizer groups, regulariser schedule, data-parallel split and step clamp."""
+    from saq_deploy.quant.adaround import beta_schedule
+    from saq_deploy.quant.quantizer import batch_share
+
     alphas = [layer.weight_quant.alpha for layer in layers]
     steps = [layer.act_quant.step for layer in layers
              if layer.act_quant is not None and layer.act_quant.initialized]
@@ -109,11 +121,11 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
     gen = torch.Generator().manual_seed(seed)
     w = distributed.world()
     trained = [p for g in groups for p in g["params"]]
-    block.train()
+    module.train()
     try:
         for it in range(s.iters):
             # every rank draws the same global batch (same generator) and trains on its slice of it
-            idx = torch.randint(0, inputs.n, (min(s.batch_size, inputs.n),), generator=gen)
+            idx = torch.randint(0, n, (min(s.batch_size, n),), generator=gen)
             share = 1.0
             if w.active:
                 mine = distributed.shard_range(len(idx), w)
@@ -121,7 +133,7 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
             with torch.enable_grad(), batch_share(share):
                 # both losses are batch means: a rank's mean times its share of the batch sums, over
                 # the ranks, to the global mean, so the all-reduced gradient is the one-process one
-                loss = _data_loss(block, inputs, idx, targets, timesteps, s) * share if len(idx) else 0.0
+                loss = data_loss(idx) * share if len(idx) else 0.0
                 beta, weight = beta_schedule(it, s.iters, start=s.beta_start, end=s.beta_end, warmup=s.warmup)
                 if weight > 0 and s.round_weight > 0 and w.is_rank0:  # once, not once per rank
                     reg = sum(layer.weight_quant.round_regularizer(beta) for layer in layers)
@@ -129,15 +141,13 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: Tensor, ti
                 opt.zero_grad(set_to_none=True)
                 if isinstance(loss, Tensor):
                     loss.backward()
-                distributed.all_reduce_grads_(trained, "block reconstruction gradient all-reduce")
+                distributed.all_reduce_grads_(trained, "rounding / step gradient all-reduce")
                 opt.step()
             for st in steps:  # LSQ steps must stay positive (TensorRT: scales > 0)
                 st.data.clamp_(min=1e-8)
             if on_iter is not None:
                 on_iter(it, float(loss.detach()) if isinstance(loss, Tensor) else loss)
     finally:
-        block.eval()
+        module.eval()
         for layer in layers:
             layer.weight_quant.finish_adaround(layer.fp_weight())
-    after = block_loss(block, inputs, targets, timesteps, s)
-    return {"loss_before": before, "loss_after": after, "iters": s.iters}

@@ -78,7 +78,7 @@ def calibrate(recipe: Recipe, out_dir: str | Path, *, progress: bool = False,
             from saq_deploy.calibrate.qlora import run_qlora
 
             qlora = run_qlora(loaded, recipe, ds, work, rhash, progress=progress, max_epochs=max_epochs)
-            result = None if qlora is None else (qlora[0], [], qlora[1])
+            result = None if qlora is None else (qlora[0], [], qlora[1], {})
         else:
             result = run_pipeline(loaded, recipe, ds, work, rhash, progress=progress, max_blocks=max_blocks)
     except BaseException:
@@ -104,9 +104,9 @@ def _write_artifact(out_dir: Path, work: Path, recipe: Recipe, loaded, ds, resul
                     qlora) -> None:
     from saq_deploy.calibrate.artifact import save_artifact
 
-    unet, block_losses, qcfg = result
+    unet, block_losses, qcfg, extra = result
     wall = time.perf_counter() - t0
-    manifest = build_manifest(recipe, loaded, ds, qcfg, block_losses, wall)
+    manifest = {**build_manifest(recipe, loaded, ds, qcfg, block_losses, wall), **extra}  # network_stage
     if prompts is not None:
         from saq_deploy.calibrate.artifact import PROMPTS_FILE
 
@@ -189,6 +189,10 @@ def render_report(m: dict) -> str:
 
         lines += report_lines(m["qlora"]) + ([f"- deployment: {m['deployment_note']}", ""]
                                              if m.get("deployment_note") else [])
+    if m.get("network_stage"):
+        from saq_deploy.calibrate.network_stage import report_lines as network_lines
+
+        lines += network_lines(m["network_stage"])
     if m["block_losses"]:
         lines += ["| block | loss before | loss after |", "|---|---|---|"]
         lines += [f"| {b['block']} | {b['loss_before']:.4g} | {b['loss_after']:.4g} |" for b in m["block_losses"]]

@@ -1,4 +1,5 @@
-"""The calibration pipeline's steps: data, quantize, activation init, block reconstruction."""
+"""The calibration pipeline's steps: data, quantize, activation init, block reconstruction
+(then, with ``reconstruction.network_iters``, the network stage: calibrate.network_stage)."""
 
 from __future__ import annotations
 
@@ -130,8 +131,8 @@ def _act_method(method: str, observer: str, act_bits: int) -> str:
 
 def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: bool,
                  max_blocks: int | None):
-    """Quantize ``loaded.unet`` in place and calibrate it. Returns (unet, block losses, config),
-    or None when stopped after ``max_blocks`` (checkpoint kept)."""
+    """Quantize ``loaded.unet`` in place and calibrate it. Returns (unet, block losses, config,
+    further manifest sections), or None when stopped after ``max_blocks`` (checkpoint kept)."""
     from saq_deploy.quant.api import quantize_
     from saq_deploy.quant.observers import init_act_steps
 
@@ -169,27 +170,21 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
                                     progress=progress, max_blocks=max_blocks)
         if not finished:
             return None
-    return unet, losses, qcfg
+    extra = {}
+    if method.reconstructs and recipe.reconstruction.network_iters:
+        extra["network_stage"] = _network_stage(unet, fp_unet, records, recipe, qcfg, progress=progress)
+    return unet, losses, qcfg, extra
 
 
 def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work: Path, rhash: str,
                      done: int, losses: list, *, progress: bool, max_blocks: int | None) -> bool:
-    from saq_deploy.calibrate.blocks import capture, find_blocks
-    from saq_deploy.calibrate.reconstruct import ReconSettings, reconstruct_block
+    from saq_deploy.calibrate.blocks import capture
+    from saq_deploy.calibrate.reconstruct import reconstruct_block
     from saq_deploy.utils.progress import progress as progress_for
 
-    T, groups, r = qcfg.num_train_timesteps, qcfg.act.timestep_groups, recipe.reconstruction
-    w = recipe.calibration.mota_weight if get_method(recipe.calibration.method).mota else 1.0
-    settings = ReconSettings(iters=r.iters, batch_size=r.batch_size, lr_round=r.lr_round, lr_act=r.lr_act,
-                             round_weight=r.round_weight, beta_start=r.beta_start, beta_end=r.beta_end,
-                             warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=groups,
-                             num_train_timesteps=T)
-    one = Records.feeds(unet, tuple(v[:2] if v is not None else None for v in records.student), groups, T,
-                        table=records.table)[0]
-    # stand-alone layers (conv_in, time-embedding MLP, conv_out) keep their nearest rounding and
-    # observer scales: their input is the timestep or the image itself, and the authors' PTQ code
-    # skips the first and last layers too
-    blocks = [(n, b) for n, b in find_blocks(unet, one) if not isinstance(b, tuple(_leaf_types()))]
+    T, groups = qcfg.num_train_timesteps, qcfg.act.timestep_groups
+    w, settings = _mota_weight(recipe), _settings(recipe, qcfg)
+    blocks = _blocks(unet, records, groups, T)
     fp_modules = dict(fp_unet.named_modules())
     new_blocks = 0
     with progress_for(progress, "calibrate") as bar:
@@ -216,6 +211,45 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
             task.update(completed=bi + 1)
             new_blocks += 1
     return True
+
+
+def _mota_weight(recipe: Recipe) -> float:
+    return recipe.calibration.mota_weight if get_method(recipe.calibration.method).mota else 1.0
+
+
+def _settings(recipe: Recipe, qcfg):
+    from saq_deploy.calibrate.reconstruct import ReconSettings
+
+    r = recipe.reconstruction
+    return ReconSettings(iters=r.iters, batch_size=r.batch_size, lr_round=r.lr_round, lr_act=r.lr_act,
+                         round_weight=r.round_weight, beta_start=r.beta_start, beta_end=r.beta_end,
+                         warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=qcfg.act.timestep_groups,
+                         num_train_timesteps=qcfg.num_train_timesteps)
+
+
+def _blocks(unet, records: Records, groups: int, T: int) -> list:
+    from saq_deploy.calibrate.blocks import find_blocks
+
+    one = Records.feeds(unet, tuple(v[:2] if v is not None else None for v in records.student), groups, T,
+                        table=records.table)[0]
+    # stand-alone layers (conv_in, time-embedding MLP, conv_out) keep their nearest rounding and
+    # observer scales: their input is the timestep or the image itself, and the authors' PTQ code
+    # skips the first and last layers too
+    return [(n, b) for n, b in find_blocks(unet, one) if not isinstance(b, tuple(_leaf_types()))]
+
+
+def _network_stage(unet, fp_unet, records: Records, recipe: Recipe, qcfg, *, progress: bool) -> dict:
+    """All reconstructed blocks trained jointly on the final eps (calibrate.network_stage). Seeded as
+    the block after the last one would be, so no block's seed is re-used."""
+    from saq_deploy.calibrate.network_stage import run_network_stage
+    from saq_deploy.calibrate.reconstruct import quant_layers
+
+    blocks = _blocks(unet, records, qcfg.act.timestep_groups, qcfg.num_train_timesteps)
+    layers = [layer for _, b in blocks for layer in quant_layers(b)]
+    r = recipe.reconstruction
+    return run_network_stage(unet, fp_unet, layers, records, _settings(recipe, qcfg), iters=r.network_iters,
+                             lr_scale=r.network_lr_scale, mota_weight=_mota_weight(recipe),
+                             seed=recipe.calibration.seed * 100_003 + len(blocks), progress=progress)
 
 
 def _read_ckpt(work: Path, rhash: str) -> dict | None:
