@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from saq_deploy.backends.grouped import build_groups, is_grouped
 from saq_deploy.backends.registry import get_backend
 from saq_deploy.errors import BadOptionError, ConfigError, ModelLoadError
 
@@ -115,9 +116,15 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
     remove_stale_temps(out.parent, (f".{out.name}-", f".{out.name}-old-"), "an interrupted build-engine", note)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=owned_temp_prefix(f".{out.name}-")))
     try:
-        built = spec.build(src, tmp, export_dir, em, ctx, providers=providers, opt_level=opt_level, threads=threads)
+        kw = {"providers": providers, "opt_level": opt_level, "threads": threads}
+        groups = None
+        if onnx_file is None and is_grouped(em):  # one engine per timestep group (backends/grouped.py)
+            built, groups = build_groups(spec, src, tmp, export_dir, em, ctx, **kw)
+            src = Path(groups["engines"][0]["source_onnx"])
+        else:
+            built = spec.build(src, tmp, export_dir, em, ctx, **kw)
         _write_manifest(tmp, backend, built.engine_file, built.files, built.build, am, em, export_dir, src,
-                        max_batch or built.max_batch, parity or default_parity(am.get("bits")))
+                        max_batch or built.max_batch, parity or default_parity(am.get("bits")), groups)
         _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,7 +138,7 @@ def build_engine(artifact: str | Path, backend: str = "onnxruntime", output: str
 
 
 def _write_manifest(tmp: Path, backend: str, engine_file: str, files: dict, build: dict, am: dict, em: dict,
-                    export_dir: Path, src: Path, max_batch: int | None, parity: dict) -> None:
+                    export_dir: Path, src: Path, max_batch: int | None, parity: dict, groups: dict | None) -> None:
     from saq_deploy.utils.io import seal_manifest, sha256_file, write_json_atomic
     from saq_deploy.utils.versions import package_versions
 
@@ -145,7 +152,7 @@ def _write_manifest(tmp: Path, backend: str, engine_file: str, files: dict, buil
                    "method": am["method"], "bits": am["bits"]},
         "model_meta": em["model_meta"], "qdq": {"not_represented": em["qdq"]["not_represented"],
                                                 "weight_formats": em["qdq"]["weight_formats"]},
-        "parity": parity, "versions": package_versions(),
+        "parity": parity, "versions": package_versions(), **({"timestep_groups": groups} if groups else {}),
     }))
 
 

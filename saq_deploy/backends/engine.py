@@ -171,6 +171,11 @@ def load_engine(path: str | Path, *, providers: list[str] | None = None, threads
     if force and not backend.supports_force:  # refused, not ignored: the user expects it to change something
         raise ConfigError(f"--force applies to TensorRT plans only (version-compatible ones built by another "
                           f"TensorRT version); the engine '{path}' runs on {name}: drop --force")
-    backend.check_manifest(path, manifest, force=force)  # this machine can run it, before any load
-    runner = backend.load(path, manifest, providers=providers, threads=threads, force=force)
+    from saq_deploy.backends.grouped import check_groups, is_grouped, open_runner
+
+    if is_grouped(manifest):  # one engine per timestep group, each checked like a single one
+        check_groups(backend, path, manifest, force=force)
+    else:
+        backend.check_manifest(path, manifest, force=force)  # this machine can run it, before any load
+    runner = open_runner(backend, path, manifest, providers=providers, threads=threads, force=force)
     return Engine(path, manifest, runner)

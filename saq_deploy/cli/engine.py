@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from saq_deploy.backends.registry import BACKENDS
+from saq_deploy.export.groups import MODES as GROUP_MODES
 
 # the choices come from the backend registry (saq_deploy.backends.registry): one list of names
 Backend = Enum("Backend", {name: name for name in BACKENDS}, type=str)
@@ -21,6 +22,10 @@ BuildBackend = Enum("BuildBackend", {"auto": "auto", **{name: name for name in B
 class Target(str, Enum):
     tensorrt = "tensorrt"
     onnxruntime_cpu = "onnxruntime-cpu"
+
+
+# export --timestep-groups: the modes saq_deploy.export.groups defines
+TimestepGroups = Enum("TimestepGroups", {m.replace("-", "_"): m for m in GROUP_MODES}, type=str)
 
 
 class OptLevel(str, Enum):
@@ -40,6 +45,7 @@ def export_cmd(
     artifact: ArtifactArg,
     target: Annotated[list[Target] | None, typer.Option("--target", "-t", case_sensitive=False, help="Placement(s) to export (default: both).")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Seeded samples whose trajectories give the export-time observer inputs.")] = 8,
+    timestep_groups: Annotated[TimestepGroups | None, typer.Option("--timestep-groups", case_sensitive=False, help="Artifacts calibrated with K > 1 activation-step groups: per-group (default) also writes one Q/DQ graph per group (model.g{g}.onnx, the same integer weights, that group's activation steps), which build-engine builds into K engines; collapsed writes only model.onnx (each quantizer's largest step).")] = None,
 ) -> None:
     """Export the calibrated model as Q/DQ ONNX into <artifact>/onnx/<target>/."""
     from saq_deploy.errors import BadOptionError
@@ -55,7 +61,8 @@ def export_cmd(
         if len(targets) < len(TARGETS):
             typer.echo("note: 4-bit activations are not a TensorRT mode; exporting the onnxruntime-cpu placement only",
                        err=True)
-    for t, folder in export_artifact(artifact, targets, n_calib=calib_samples).items():
+    mode = timestep_groups.value if timestep_groups is not None else None
+    for t, folder in export_artifact(artifact, targets, n_calib=calib_samples, timestep_groups=mode).items():
         typer.echo(f"wrote {folder}/ ({t})")
 
 

@@ -20,8 +20,9 @@ def inspect_cmd(engine: EngineArg, json_out: JsonOpt = False) -> None:
     import json
 
     from saq_deploy.backends.engine import read_engine_manifest
+    from saq_deploy.backends.grouped import describe_engine
     from saq_deploy.backends.registry import get_backend
 
     manifest = read_engine_manifest(engine)
-    head, body, data = get_backend(manifest["backend"]).describe(engine, manifest)
+    head, body, data = describe_engine(get_backend(manifest["backend"]), engine, manifest)
     typer.echo(json.dumps(data, indent=2) if json_out else f"{head}\n{body}")

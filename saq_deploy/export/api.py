@@ -3,6 +3,8 @@
     runs/x/onnx/tensorrt/          model.onnx (FP32-typed), model.fp16.onnx (FP16-typed, for
                                    strongly typed TensorRT builds), manifest.json
     runs/x/onnx/onnxruntime-cpu/   model.onnx (FP32-typed, fuses to QLinearConv etc.), manifest.json
+    (K > 1 timestep groups)        + model.g{g}.onnx (and model.g{g}.fp16.onnx): one graph per group,
+                                   export/groups.py; --timestep-groups collapsed writes model.onnx only
 
 Each manifest links the calibrated state's hash, lists the inputs, the Q/DQ formats per layer,
 the export-time scales and what the target cannot represent. Each target folder is written to a
@@ -45,8 +47,11 @@ def model_meta(loaded, manifest: dict | None = None) -> dict:
     return meta
 
 
-def build_target_model(fp_model: onnx.ModelProto, plan, target: str, feeds: list[dict]):
-    """FP graph + plan -> Q/DQ graph for ``target`` (checked) and its QdqReport."""
+def build_target_model(fp_model: onnx.ModelProto, plan, target: str, feeds: list[dict],
+                       scales: dict[str, float] | None = None):
+    """FP graph + plan -> Q/DQ graph for ``target`` (checked) and its QdqReport. ``scales``: the
+    export-time scales to use instead of observing them on ``feeds`` (a timestep group's graph
+    takes the collapsed graph's, so every group rounds conv outputs / residuals alike)."""
     from saq_deploy.export import qdq
     from saq_deploy.export.graph import opset_of
 
@@ -56,12 +61,13 @@ def build_target_model(fp_model: onnx.ModelProto, plan, target: str, feeds: list
     n_bias = 0
     if target == "onnxruntime-cpu":
         outs = qdq.conv_outputs_to_quantize(model)
-        scales = qdq.observe_absmax(model, outs, feeds)
+        scales = qdq.observe_absmax(model, outs, feeds) if scales is None else {o: scales[o] for o in outs}
         n_bias = qdq.quantize_conv_biases(model, outs)
         qdq.insert_tensor_qdq(model, scales, rewire_outputs=True)
     else:
         res = qdq.residual_add_inputs(model)
-        scales = qdq.observe_absmax(model, sorted({r[2] for r in res}), feeds)
+        tensors = sorted({r[2] for r in res})
+        scales = qdq.observe_absmax(model, tensors, feeds) if scales is None else {t: scales[t] for t in tensors}
         qdq.insert_tensor_qdq(model, scales, rewire_outputs=False, residuals=res)
     rep.observed = scales
     rep.opset = opset_of(model)
@@ -118,10 +124,15 @@ def default_targets(artifact: str | Path) -> tuple[str, ...]:
 
 
 def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *, n_calib: int = 8,
-                    steps: int = 10, seed: int = 0, fp16: bool = True) -> dict[str, Path]:
-    """Export every target into ``<artifact>/onnx/<target>/``; returns target -> folder."""
+                    steps: int = 10, seed: int = 0, fp16: bool = True,
+                    timestep_groups: str | None = None) -> dict[str, Path]:
+    """Export every target into ``<artifact>/onnx/<target>/``; returns target -> folder.
+    ``timestep_groups`` (artifacts calibrated with K > 1 activation-step groups): "per-group" (the
+    default there) also writes one graph per group (``export/groups.py``), "collapsed" only the
+    single graph whose steps are each quantizer's largest."""
     from saq_deploy.calibrate.artifact import load_artifact
     from saq_deploy.export.feeds import record_calls
+    from saq_deploy.export.groups import resolve_mode
     from saq_deploy.export.plan import build_plan
     from saq_deploy.export.torch_export import export_unet_onnx
 
@@ -138,6 +149,7 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
         raise ConfigError("W4A4 has 4-bit activations, which TensorRT cannot run (its INT4 is weight-only): "
                           "export with --target onnxruntime-cpu")
     plan = build_plan(q.loaded.unet)
+    mode = resolve_mode(timestep_groups, plan.timestep_groups)
     calls = record_calls(q.eps_model(), q.loaded, steps=steps, n=n_calib, seed=seed, cond=cond, null_cond=null)
     from saq_deploy.models.eps_model import AddedCond
 
@@ -162,7 +174,8 @@ def export_artifact(artifact: str | Path, targets: tuple[str, ...] = TARGETS, *,
         fp_model = onnx.load(str(fp_path))
         for target in targets:
             model, rep = build_target_model(fp_model, plan, target, feeds)
-            out[target] = _write_target(root, target, model, rep, specs, q, meta, n_calls, fp16)
+            groups = _group_writer(mode, fp_model, plan, target, feeds, rep.observed, fp16, q.manifest)
+            out[target] = _write_target(root, target, model, rep, specs, q, meta, n_calls, fp16, groups)
             model = None  # not alive while the next target's graph is built
             gc.collect()
     return out
@@ -176,8 +189,21 @@ def remove_stale_export_temps(root: Path, target: str) -> list[Path]:
     return remove_stale_temps(root, (f".{target}-", ".old-", ".fp-"), "an interrupted export")
 
 
+def _group_writer(mode: str, fp_model, plan, target: str, feeds: list[dict], scales: dict, fp16: bool,
+                  manifest: dict):
+    """``tmp -> (files, manifest section)`` writing the timestep groups' graphs into the export's
+    temp folder (export/groups.py), one graph in memory at a time."""
+    from saq_deploy.export.groups import write_group_graphs
+
+    def write(tmp: Path) -> tuple[dict, dict]:
+        return write_group_graphs(tmp, mode, plan, manifest, target=target, fp16=fp16 and target == "tensorrt",
+                                  build=lambda p: build_target_model(fp_model, p, target, feeds, scales)[0],
+                                  fp16_of=to_fp16)
+    return write
+
+
 def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q, meta: dict, n_calls: int,
-                  fp16: bool) -> Path:
+                  fp16: bool, groups=None) -> Path:
     from saq_deploy.utils.io import sha256_file, write_json_atomic
     from saq_deploy.utils.versions import package_versions
 
@@ -193,6 +219,8 @@ def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q
             onnx.save(to_fp16(model), str(tmp / FP16_FILE))
             files[FP16_FILE] = sha256_file(tmp / FP16_FILE)
         m = q.manifest
+        group_files, group_section = groups(tmp) if groups is not None else ({}, None)
+        files.update(group_files)
         write_json_atomic(tmp / MANIFEST_FILE, {
             "artifact": "saq-deploy-onnx", "target": target, "files": files,
             "calibrated": {"path": str(q.path), "state_sha256": m["state_sha256"], "method": m["method"],
@@ -201,6 +229,7 @@ def _write_target(root: Path, target: str, model: onnx.ModelProto, rep, specs, q
             "inputs": specs, "outputs": [{"name": "eps", "dtype": "float32", "shape": specs[0]["shape"]}],
             "opset": rep.opset, "qdq": rep.to_dict(), "calibration_calls": n_calls,
             "ort_disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS), "versions": package_versions(),
+            **({"timestep_groups": group_section} if group_section is not None else {}),
         })
         fsync_tree(tmp)
         publish_mode(tmp)  # mkdtemp's 0700 -> the mode a plain mkdir would give

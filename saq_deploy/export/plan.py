@@ -5,7 +5,7 @@ from the fake-quant modules, so the exported Q/DQ graph carries exactly the cali
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ class LayerQuant:
     act_step: float | None  # per-tensor step (timestep groups collapsed, see notes)
     act_groups: int = 1
     notes: list[str] = field(default_factory=list)
+    act_group_steps: tuple[float, ...] = ()  # the calibrated step of each timestep group
 
 
 @dataclass
@@ -35,6 +36,7 @@ class AttentionQuant:
     steps: dict[str, float]  # ATTN_QUANTIZERS name -> per-tensor step (timestep groups collapsed)
     act_groups: int = 1
     notes: list[str] = field(default_factory=list)
+    group_steps: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per timestep group
 
 
 class ExportPlan(list):
@@ -44,6 +46,33 @@ class ExportPlan(list):
     def __init__(self, layers: list[LayerQuant], attention: list[AttentionQuant] | None = None) -> None:
         super().__init__(layers)
         self.attention = list(attention or [])
+
+    @property
+    def timestep_groups(self) -> int:
+        """K: how many timestep groups the activation (and attention) steps have (1: none)."""
+        return max([lq.act_groups for lq in self] + [aq.act_groups for aq in self.attention] + [1])
+
+    def for_group(self, g: int) -> ExportPlan:
+        """The plan of timestep group ``g``: the same weights, group g's activation and attention
+        steps (static for that group: nothing collapsed, so no collapse notes)."""
+        if not 0 <= g < self.timestep_groups:
+            raise ConfigError(f"timestep group {g} out of range for {self.timestep_groups} groups")
+        layers = [replace(lq, act_step=_pick(lq.act_group_steps, g, lq.act_step), notes=[]) for lq in self]
+        attn = [replace(aq, steps={qn: _pick(aq.group_steps.get(qn, ()), g, s) for qn, s in aq.steps.items()},
+                        notes=[]) for aq in self.attention]
+        return ExportPlan(layers, attn)
+
+
+def _pick(steps: tuple[float, ...], g: int, default: float | None) -> float | None:
+    """Group g's step; a quantizer with one group has the same step in every group."""
+    if not steps:
+        return default
+    return steps[g] if len(steps) > 1 else steps[0]
+
+
+def group_steps(steps: torch.Tensor) -> tuple[float, ...]:
+    """Every group's step as plain floats (float32 values, as the collapsed step is)."""
+    return tuple(float(v) for v in steps.detach().float().reshape(-1))
 
 
 def collapse_steps(steps: torch.Tensor) -> float:
@@ -63,7 +92,8 @@ def _attention_plan(unet: torch.nn.Module) -> list[AttentionQuant]:
         notes = [f"{groups} timestep-group attention steps collapsed to one static step (their max)"] if groups > 1 else []
         # the processor splits heads by the key's width (to_k's output features)
         out.append(AttentionQuant(name, attn.to_k.out_features // attn.heads, quants["q_quant"].bits,
-                                  {qn: collapse_steps(q.step) for qn, q in quants.items()}, groups, notes))
+                                  {qn: collapse_steps(q.step) for qn, q in quants.items()}, groups, notes,
+                                  {qn: group_steps(q.step) for qn, q in quants.items()}))
     return out
 
 
@@ -81,16 +111,17 @@ def build_plan(unet: torch.nn.Module) -> ExportPlan:
         scale = scale.reshape(scale.shape[0], -1) if wq.block_size else scale.reshape(-1)
         aq = layer.act_quant
         act_bits = act_step = None
-        groups, notes = 1, []
+        groups, notes, per_group = 1, [], ()
         if aq is not None and aq.enabled:
             if not aq.initialized:
                 raise ConfigError(f"layer {name} has an uninitialized activation quantizer; calibrate first")
             act_bits, groups = aq.bits, aq.groups
-            act_step = collapse_steps(aq.step)
+            act_step, per_group = collapse_steps(aq.step), group_steps(aq.step)
             if groups > 1:
                 notes.append(f"{groups} timestep-group activation steps collapsed to one static step (their max)")
         plan.append(LayerQuant(name, "conv" if isinstance(layer, QuantConv2d) else "linear", wq.bits, codes,
-                               scale.astype(np.float32), wq.block_size, act_bits, act_step, groups, notes))
+                               scale.astype(np.float32), wq.block_size, act_bits, act_step, groups, notes,
+                               per_group))
     if not plan:
         raise ConfigError("the model has no quantized layers: nothing to export")
     return ExportPlan(plan, _attention_plan(unet))

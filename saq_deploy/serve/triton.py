@@ -78,9 +78,13 @@ def config_pbtxt(manifest: dict, *, name: str, max_batch_size: int, max_queue_de
 
 
 def _model_file(artifact: Path, engine_dir: Path, manifest: dict) -> tuple[Path, str]:
+    from saq_deploy.backends.grouped import is_grouped
     from saq_deploy.backends.registry import get_backend
     from saq_deploy.utils.io import sha256_file
 
+    if is_grouped(manifest):  # one Triton model runs one graph: K timestep-group engines are not that
+        raise ConfigError(f"engine '{engine_dir}' has one engine per timestep group, which export-triton does not "
+                          "ship; export with saq-deploy export --timestep-groups collapsed and rebuild the engine")
     if get_backend(manifest["backend"]).triton_ships_engine:  # TensorRT: the plan itself
         return engine_dir / manifest["engine_file"], "model.plan"
     source = manifest["source"]
