@@ -52,54 +52,57 @@ OURS = {"ours-ort": ("onnxruntime-cpu", False), "ours-ort-attn": ("onnxruntime-c
         "ours-ov": ("tensorrt", False), "ours-ov-attn": ("tensorrt", True)}
 
 
-def build_all(work: Path, threads: int, model: str) -> None:
-    """Every graph onto disk: FP32 ONNX, quantize_static, NNCF IR, our four Q/DQ graphs."""
+STAGES = ("export", "qstatic", "nncf", "ours")
+
+
+def build_stage(stage: str, work: Path, threads: int, model: str) -> None:
+    """One build stage, in its own process (an SD-1.5 UNet's stages peak at 10-15 GB each, and a
+    process does not hand freed memory back reliably): writes its graphs and build-<stage>.json."""
+    torch.set_num_threads(threads)
+    fp, notes, t0 = work / "fp32" / "model.onnx", {}, time.perf_counter()
+    if stage == "export":
+        from saq_deploy.export.torch_export import export_unet_onnx
+
+        m = Model(model)
+        fp.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(calib_feeds(m, 2, 2), work / "feeds.pt")  # one set of calibration inputs for every quantizer
+        export_unet_onnx(m.unet, m.kind, m.shape, fp, cond_shape=m.cond_shape)
+    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in torch.load(work / "feeds.pt", weights_only=True)]
+    if stage == "qstatic":
+        ort_quantize_static(fp, work / "qstatic.onnx", np_feeds, external_data=True)
+    elif stage == "nncf":
+        import nncf
+        import openvino as ov
+
+        q = nncf.quantize(ov.Core().read_model(str(fp)), nncf.Dataset(np_feeds),
+                          preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(np_feeds))
+        ov.save_model(q, str(work / "nncf.xml"), compress_to_fp16=False)
+    elif stage == "ours":
+        notes = build_ours(work, model, np_feeds)
+    notes["seconds"] = round(time.perf_counter() - t0, 1)
+    (work / f"build-{stage}.json").write_text(json.dumps(notes, indent=2))
+
+
+def build_ours(work: Path, model: str, np_feeds: list[dict]) -> dict:
+    """Our four Q/DQ graphs from one minmax W8A8 calibration (with attention quantizers)."""
     import onnx
 
     from saq_deploy.export.api import build_target_model
     from saq_deploy.export.plan import ExportPlan, build_plan
-    from saq_deploy.export.torch_export import export_unet_onnx
     from saq_deploy.quant import quantize_
     from saq_deploy.quant.config import preset
     from saq_deploy.quant.observers import init_act_steps
 
-    torch.set_num_threads(threads)
     m = Model(model)
-    feeds = calib_feeds(m, 2, 2)
-    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
-    notes: dict = {}
-    fp_dir = work / "fp32"
-    fp_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    export_unet_onnx(m.unet, m.kind, m.shape, fp_dir / "model.onnx", cond_shape=m.cond_shape)
-    notes["export_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()  # quantize_static first, while nothing else is held (speed.py)
-    ort_quantize_static(fp_dir / "model.onnx", work / "qstatic.onnx", np_feeds, external_data=True)
-    notes["qstatic_s"] = round(time.perf_counter() - t0, 1)
-    gc.collect()
-    import nncf
-    import openvino as ov
-
-    t0 = time.perf_counter()
-    q = nncf.quantize(ov.Core().read_model(str(fp_dir / "model.onnx")), nncf.Dataset(np_feeds),
-                      preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(np_feeds))
-    ov.save_model(q, str(work / "nncf.xml"), compress_to_fp16=False)
-    notes["nncf_s"] = round(time.perf_counter() - t0, 1)
-    del q
-    gc.collect()
+    feeds = [{k: torch.from_numpy(v) for k, v in f.items()} for f in np_feeds]
     cfg = preset("w8a8")  # minmax weight scales: the MSE search costs minutes on 860 M weights, speed is the same
     cfg = dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, scale_method="minmax"), attention_matmul=True)
-    quantize_(m.unet, cfg)  # in place: the FP32 graph is on disk already
-
-    def run_batches():
-        for f in feeds:
-            m.torch_call(f)
-
-    init_act_steps(m.unet, run_batches, "minmax")
+    quantize_(m.unet, cfg)
+    init_act_steps(m.unet, lambda: [m.torch_call(f) for f in feeds], "minmax")
     plan = build_plan(m.unet)
     m = None
     gc.collect()
-    fp_model = onnx.load(str(fp_dir / "model.onnx"))
+    fp_model, notes = onnx.load(str(work / "fp32" / "model.onnx")), {}
     for name, (target, attn) in OURS.items():
         t0 = time.perf_counter()
         qm, rep = build_target_model(fp_model, ExportPlan(plan, plan.attention if attn else None), target, np_feeds)
@@ -108,7 +111,7 @@ def build_all(work: Path, threads: int, model: str) -> None:
                        "attention_matmuls": len(rep.attention), "not_represented": rep.not_represented}
         del qm
         gc.collect()
-    (work / "build.json").write_text(json.dumps(notes, indent=2))
+    return notes
 
 
 def engines(work: Path, threads: int) -> dict:
@@ -199,22 +202,26 @@ def main() -> None:
     ap.add_argument("--load-rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="sd15", choices=("sd15", "sd15-tiny"), help="sd15-tiny: a smoke run")
-    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--build-stage", choices=STAGES, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--note", action="append", default=[])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed-peers-sd15")
     args = ap.parse_args()
-    if args.build_only:
-        return build_all(args.work, args.threads, args.model)
-    if not (args.work / "build.json").is_file():
-        subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work), "--threads",
-                        str(args.threads), "--model", args.model], check=True)
+    if args.build_stage:
+        return build_stage(args.build_stage, args.work, args.threads, args.model)
+    build = {}
+    for stage in STAGES:  # each in a child process; a finished stage is kept (its JSON is written last)
+        if not (args.work / f"build-{stage}.json").is_file():
+            print(f"build: {stage}", flush=True)
+            subprocess.run([sys.executable, __file__, "--build-stage", stage, "--work", str(args.work), "--threads",
+                            str(args.threads), "--model", args.model], check=True)
+        build[stage] = json.loads((args.work / f"build-{stage}.json").read_text())
     from importlib.metadata import version
 
     torch.set_num_threads(args.threads)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     m = Model(args.model)
     calls, notes = calls_for(args.work, m, args.threads)
-    notes["build"] = json.loads((args.work / "build.json").read_text())
+    notes["build"] = build
     latency = {}
     for b in [int(x) for x in args.batches.split(",")]:
         print(f"batch {b}: {args.rounds} rounds x {len(calls)} variants", flush=True)

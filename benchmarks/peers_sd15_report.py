@@ -64,11 +64,12 @@ def render(res: dict) -> str:
     out.append(f"| goal: >= 3.5x ORT FP32 | {r['ort-fp32']:.2f}x | **{'met' if r['ort-fp32'] >= 3.5 else 'not met'}** |")
     b = res["build"]
     out += ["", "## notes", "",
-            (f"- Build (child process): FP32 export {b['build']['export_s']} s, quantize_static {b['build']['qstatic_s']} s, "
-            f"NNCF {b['build']['nncf_s']} s; NNCF compute layers by runtime precision: {b.get('nncf_compute_layers')}."),
+            (f"- Build (one child process per stage): FP32 export {b['build']['export']['seconds']} s, quantize_static "
+             f"{b['build']['qstatic']['seconds']} s, NNCF {b['build']['nncf']['seconds']} s; NNCF compute layers by runtime "
+             f"precision: {b.get('nncf_compute_layers')}."),
             *(f"- {k}: placement {v['target']}, attention INT8 {v['attention_int8']} ({v['attention_matmuls']} Attention modules), "
               f"Q/DQ pass {v['qdq_s']} s; engine build {b['ours'][k]['build_s']} s"
               + (f", runtime precisions {b['ours'][k]['compute_layers']}" if "compute_layers" in b["ours"][k] else "")
-              for k, v in b["build"].items() if k in OURS),
+              for k, v in b["build"]["ours"].items() if k in OURS),
             *(f"- {n}" for n in res["notes"]), ""]
     return "\n".join(out)
