@@ -1,4 +1,5 @@
-"""CPU peer speed table for the reference digits UNet, every variant in one process:
+"""CPU peer speed table for a reference UNet (builtin:digits, or builtin:digits-text with --model
+digits-text: prompt embeddings as cond), every variant in one process:
 
   torch-fp32      PyTorch eager FP32
   ort-fp32        ONNX Runtime FP32 (exported graph, ORT_ENABLE_ALL)
@@ -69,7 +70,7 @@ def build(m: Model, work: Path, feeds, art: Path, threads: int, preset: str) -> 
 
     notes: dict = {}
     fp_path, qs_path = work / "fp32.onnx", work / "qstatic.onnx"
-    export_unet_onnx(m.unet, m.kind, m.shape, fp_path)
+    export_unet_onnx(m.unet, m.kind, m.shape, fp_path, cond_shape=m.cond_shape)
     np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
     t0 = time.perf_counter()
     ort_quantize_static(fp_path, qs_path, np_feeds)
@@ -105,7 +106,7 @@ def build(m: Model, work: Path, feeds, art: Path, threads: int, preset: str) -> 
         eng = load_engine(path, threads=threads)
         notes[f"{name}_engine"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
         eps = eng.eps_model()
-        calls[name] = (lambda f, eps=eps: eps(f["sample"], f["timestep"], f["class_labels"]))
+        calls[name] = (lambda f, eps=eps: eps(f["sample"], f["timestep"], f[m.cond_key]))
         calls[name].engine = eng
     return calls, notes
 
@@ -136,11 +137,9 @@ def snr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
 
 def quality(calls: dict, m: Model, psnr_n: int) -> dict:
     from saq_deploy.eval.metrics import psnr
-    from saq_deploy.export.feeds import record_calls
     from saq_deploy.generate import SampleSettings, generate
 
-    held = record_calls(m.loaded.eps_model(), m.loaded, samplers=("ddim",), steps=10, n=8, seed=12345)
-    feeds = [{"sample": c.x, "timestep": c.t, "class_labels": c.cond} for c in held]
+    feeds = m.record(8, 10, seed=12345)
     refs = [calls["torch-fp32"](f) for f in feeds]
     out = {"held_out_calls": len(feeds), "held_out_batch": int(feeds[0]["sample"].shape[0]), "variants": {}}
     for k, f in calls.items():
@@ -155,9 +154,8 @@ def quality(calls: dict, m: Model, psnr_n: int) -> dict:
 
         def sample(f):
             def eps(x, t, cond):
-                return f({"sample": x, "timestep": t.reshape(-1).expand(x.shape[0]).float(), "class_labels": cond})
-            return generate(eps, m.loaded.schedule(), m.shape, settings, num_classes=m.loaded.num_classes,
-                            null_label=m.loaded.null_label)[0]
+                return f({"sample": x, "timestep": t.reshape(-1).expand(x.shape[0]).float(), m.cond_key: cond})
+            return generate(eps, m.loaded.schedule(), m.shape, settings, **m.guidance(psnr_n))[0]
 
         ref = sample(calls["torch-fp32"])
         out["psnr_n"] = psnr_n
@@ -170,7 +168,7 @@ def quality(calls: dict, m: Model, psnr_n: int) -> dict:
 
 def render(res: dict) -> str:
     names = list(next(iter(res["latency"].values())))
-    lines = ["# CPU peer speed: reference digits UNet", "",
+    lines = [f"# CPU peer speed: reference UNet builtin:{res.get('model', 'digits')}", "",
              f"Command: `{res['command']}`", "",
              (f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['machine']['threads']} intra-op "
              f"threads for every runtime; load average before {res['load_before']}, after {res['load_after']}."), "",
@@ -203,7 +201,8 @@ def render(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifact", type=Path, required=True, help="calibrated digits artifact (engines built if missing)")
+    ap.add_argument("--artifact", type=Path, required=True, help="calibrated artifact of --model (engines built if missing)")
+    ap.add_argument("--model", default="digits", choices=("digits", "digits-text"), help="the reference model")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
@@ -221,7 +220,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from importlib.metadata import version
 
-    m = Model("digits")
+    m = Model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         feeds = calib_feeds(m, 10, 16)
         calls, notes = build(m, Path(tmp), feeds, args.artifact, args.threads, args.preset)
@@ -232,7 +231,7 @@ def main() -> None:
             print("   ", {k: round(v["median_ms"], 2) for k, v in latency[str(b)].items()}, flush=True)
         qual = quality(calls, m, args.psnr_n)
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
-    res = {"command": "python benchmarks/peers.py " + " ".join(argv) + (" --note ..." if args.note else ""),
+    res = {"model": args.model, "command": "python benchmarks/peers.py " + " ".join(argv) + (" --note ..." if args.note else ""),
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads},
            "load_before": " ".join(load_before), "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
            "versions": {p: version(p) for p in ("torch", "onnxruntime", "openvino", "nncf")},
@@ -241,7 +240,7 @@ def main() -> None:
                      f"(batch {int(feeds[0]['sample'].shape[0])}, real DDIM-10 CFG 1.5 FP trajectory inputs), "
                      f"target_device ANY; NNCF took {notes['nncf_time_s']} s, quantize_static {notes['qstatic_time_s']} s."),
                      f"NNCF model compute layers by runtime precision: {notes['nncf_compute_layers']}.",
-                     (f"Our engines: {notes['ours-ort_engine']} and {notes['ours-ov_engine']} (W8A8 minmax artifact); "
+                     (f"Our engines: {notes['ours-ort_engine']} and {notes['ours-ov_engine']} (W8A8 minmax artifact of the same model); "
                      "called through Engine.eps_model(), as users do, so their rows include its input checks."),
                      "ov-fp32 / ov-nncf are compiled in process from the same FP32 ONNX; CPU pinning off, like our OpenVINO engine.", *args.note]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

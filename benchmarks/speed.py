@@ -47,22 +47,51 @@ VARIANTS = ("torch-fp32", "ort-fp32", "ort-int8", "ort-qstatic")
 
 
 class Model:
-    """FP UNet + the inputs it takes (name, kind, shapes, a batch maker)."""
+    """FP UNet + the inputs it takes (name, kind, shapes, a batch maker). ``digits`` and
+    ``digits-text`` are the trained reference models (real trajectories: ``record``); ``sd15`` is the
+    SD-1.5 UNet config with random weights (``sd15-tiny``: the same blocks, narrow, for smoke runs)."""
 
     def __init__(self, name: str):
-        self.name = name
-        if name == "digits":
+        self.name, self.table = name, None
+        if name in ("digits", "digits-text"):
             from saq_deploy.models.loading import load_model
 
-            self.loaded = load_model("builtin:digits")
-            self.unet, self.kind, self.shape, self.cond_shape = self.loaded.unet, "class", (1, 16, 16), None
+            self.loaded = load_model(f"builtin:{name}")
+            self.unet, self.shape = self.loaded.unet, tuple(self.loaded.sample_shape)
+            self.kind, self.cond_shape = ("class", None) if name == "digits" else ("text", None)
+            if name == "digits-text":  # the evaluation prompts' embeddings, the negative prompt's last
+                from saq_deploy.models.text_encoder import TextEncoder, pipeline_root
+                from saq_deploy.reference.text_data import eval_prompts
+
+                self.table = TextEncoder(pipeline_root(f"builtin:{name}")).table(eval_prompts(20)[0], "", warn=False)
+                self.cond_shape = tuple(self.table.shape[1:])
         else:
             from diffusers import UNet2DConditionModel
 
-            torch.manual_seed(0)  # SD-1.5 UNet config (diffusers defaults = SD-1.x), random weights; sd15-tiny: smoke runs
+            torch.manual_seed(0)  # SD-1.5 UNet config (diffusers defaults = SD-1.x), random weights
             small = {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1} if name == "sd15-tiny" else {}
             self.unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768, attention_head_dim=8, **small).eval()
             self.loaded, self.kind, self.shape, self.cond_shape = None, "text", (4, 32, 32), (77, 768)
+
+    @property
+    def cond_key(self) -> str:
+        return "class_labels" if self.kind == "class" else "encoder_hidden_states"
+
+    def guidance(self, n: int) -> dict:
+        """generate()'s conditioning keywords for n samples of a reference model (prompts cycling)."""
+        if self.table is None:
+            return {"num_classes": self.loaded.num_classes, "null_label": self.loaded.null_label}
+        p = self.table.shape[0] - 1
+        return {"cond": self.table[torch.arange(n) % p], "null_label": self.table[p:]}
+
+    def record(self, n: int, steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        """Every UNet call (CFG-batched) of a seeded FP DDIM CFG 1.5 sample of n: real inputs."""
+        from saq_deploy.export.feeds import record_calls
+
+        g = self.guidance(n)
+        calls = record_calls(self.loaded.eps_model(), self.loaded, samplers=("ddim",), steps=steps, n=n, seed=seed,
+                             cond=g.get("cond"), null_cond=g["null_label"] if self.table is not None else None)
+        return [{"sample": c.x, "timestep": c.t, self.cond_key: c.cond} for c in calls]
 
     def batch(self, b: int, seed: int = 0) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
@@ -70,6 +99,8 @@ class Model:
                 "timestep": torch.randint(0, 1000, (b,), generator=g).float()}
         if self.kind == "class":
             feed["class_labels"] = torch.arange(b) % 11
+        elif self.table is not None:
+            feed["encoder_hidden_states"] = self.table[torch.arange(b) % self.table.shape[0]]
         else:
             feed["encoder_hidden_states"] = torch.randn(b, *self.cond_shape, generator=g)
         return feed
@@ -82,11 +113,8 @@ class Model:
 
 
 def calib_feeds(m: Model, n_batches: int, b: int) -> list[dict[str, torch.Tensor]]:
-    if m.kind == "class":  # real inputs: FP trajectories
-        from saq_deploy.export.feeds import record_calls
-
-        calls = record_calls(m.loaded.eps_model(), m.loaded, samplers=("ddim",), steps=n_batches, n=b // 2)
-        return [{"sample": c.x, "timestep": c.t, "class_labels": c.cond} for c in calls]
+    if m.loaded is not None:  # real inputs: FP trajectories
+        return m.record(b // 2, n_batches)
     return [m.batch(b, seed=100 + i) for i in range(n_batches)]
 
 

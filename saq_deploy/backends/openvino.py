@@ -96,9 +96,10 @@ def runtime_precisions(compiled) -> dict:
             "by_type": {k: dict(sorted(v.items())) for k, v in sorted(by_type.items())}}
 
 
-def compile_blob(src: Path, tmp: Path, placement: str, *, threads: int | None = None) -> tuple[dict, dict, str]:
+def compile_blob(src: Path, tmp: Path, placement: str, *, threads: int | None = None,
+                 shown: Path | None = None) -> tuple[dict, dict, str]:
     """Compile ``src`` (Q/DQ ``placement``) with the CPU plugin and write ``tmp/model.blob``;
-    returns (files, build, file)."""
+    returns (files, build, file). ``shown``: the graph to name in errors (``src`` may be a copy)."""
     from saq_deploy.utils.io import sha256_file, write_bytes_atomic
 
     ov = require_openvino()
@@ -107,7 +108,7 @@ def compile_blob(src: Path, tmp: Path, placement: str, *, threads: int | None = 
     try:
         compiled = core.compile_model(core.read_model(str(src)), DEVICE, _config(threads))
     except RuntimeError as e:  # the frontend and the plugin both raise RuntimeError
-        raise ModelLoadError(f"OpenVINO could not compile '{src}' for {DEVICE}: {one_line(e)}") from e
+        raise ModelLoadError(f"OpenVINO could not compile '{shown or src}' for {DEVICE}: {one_line(e)}") from e
     seconds = time.perf_counter() - t0
     write_bytes_atomic(tmp / BLOB_FILE, compiled.export_model().getvalue())
     build = {"openvino": ov.get_version(), "device": DEVICE, "cpu": cpu_info(core),

@@ -112,12 +112,23 @@ class OnnxRuntimeBackend(Backend):
 
     def build(self, src: Path, tmp: Path, export_dir: Path, em: dict, ctx: Any, *, providers=None,
               opt_level: str = "all", **opts) -> Built:
+        from saq_deploy.backends.int8_codes import drop_source, source_for_this_cpu
         from saq_deploy.backends.onnxruntime import optimize_model
         from saq_deploy.utils.io import sha256_file
 
-        build = optimize_model(src, tmp / "model.onnx", opt_level=opt_level, providers=providers,
-                               disabled_optimizers=tuple(em.get("ort_disabled_optimizers", ())))
-        return Built({"model.onnx": sha256_file(tmp / "model.onnx")}, build, "model.onnx")
+        graph, codes = source_for_this_cpu(src, tmp)
+        try:
+            build = optimize_model(graph, tmp / "model.onnx", opt_level=opt_level, providers=providers,
+                                   disabled_optimizers=tuple(em.get("ort_disabled_optimizers", ())))
+        finally:
+            drop_source(tmp)
+        return Built({"model.onnx": sha256_file(tmp / "model.onnx")}, {**build, **codes}, "model.onnx")
+
+    def check_manifest(self, path: Path, manifest: dict, *, force: bool = False) -> list[str]:
+        from saq_deploy.backends.int8_codes import check_codes
+
+        check_codes(path, manifest.get("build") or {}, self.title)
+        return []
 
     def load(self, path: Path, manifest: dict, *, providers=None, threads=None, force=False) -> Runner:
         from saq_deploy.backends.onnxruntime import OrtRunner
@@ -214,13 +225,21 @@ class OpenVINOBackend(Backend):
         # an --onnx file from elsewhere may hold any placement: say so instead of guessing
         own = Path(src).resolve().parent == Path(export_dir).resolve()
         placement = em["target"] if own else f"--onnx {Path(src).name} (not the artifact's export)"
-        files, build, engine_file = compile_blob(src, tmp, placement, threads=threads)
-        return Built(files, build, engine_file)
+        from saq_deploy.backends.int8_codes import drop_source, source_for_this_cpu
+
+        graph, codes = source_for_this_cpu(src, tmp)
+        try:
+            files, build, engine_file = compile_blob(graph, tmp, placement, threads=threads, shown=src)
+        finally:
+            drop_source(tmp)
+        return Built(files, {**build, **codes}, engine_file)
 
     def check_manifest(self, path: Path, manifest: dict, *, force: bool = False) -> list[str]:
+        from saq_deploy.backends.int8_codes import check_codes
         from saq_deploy.backends.openvino import check_compat
 
         check_compat(path, manifest.get("build") or {})
+        check_codes(path, manifest.get("build") or {}, self.title)
         return []
 
     def load(self, path: Path, manifest: dict, *, providers=None, threads=None, force=False) -> Runner:

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from saq_deploy.backends.int8_codes import saturates_signed_int8, to_unsigned
 from saq_deploy.calibrate.artifact import load_artifact
 from saq_deploy.calibrate.run import calibrate
 from saq_deploy.export.api import export_artifact
@@ -26,7 +27,10 @@ from tests.integration.test_calibrate import tiny
 from tests.integration.test_export_engine import DATA, _feed, _inputs, _ort, _run_cli
 
 pytestmark = pytest.mark.slow
-TOL = 1e-3  # max |ORT - torch| on eps (values ~1): float summation order, rare tie flips
+# max |ORT - torch| on eps (values ~1): float summation order, rare tie flips (measured 5e-4 on an
+# Intel VNNI CPU, 2.1e-3 on an AMD Zen 3 without VNNI); the negative control below is ~1e-2
+TOL = 3e-3
+MEDIAN_TOL = 5e-5  # median |ORT - torch|: measured 2e-7 (Intel VNNI), 1.3e-5 (AMD Zen 3)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,8 @@ def _graph_and_reference(art, with_attention: bool):
     export_unet_onnx(q.fp_unet, "class", (1, 16, 16), art / "fp.onnx")
     model = onnx.load(str(art / "fp.onnx"))
     insert_layer_qdq(model, plan, "tensorrt")
+    if saturates_signed_int8():  # as build-engine does on a CPU without VNNI (backends/int8_codes.py)
+        to_unsigned(model)
     for layer in quant_layers(q.loaded.unet).values():
         layer.act_quant.enabled = False  # the attention quantizers stay on
     x, t, c = _inputs()
@@ -95,12 +101,12 @@ def _graph_and_reference(art, with_attention: bool):
 def test_attention_qdq_graph_equals_fake_quant_and_negative_control(attn_art):
     out, ref = _graph_and_reference(attn_art, with_attention=True)
     err = np.abs(out - ref)
-    assert err.max() < TOL and np.median(err) < 1e-5, (err.max(), np.median(err))  # measured 5e-4, 2e-7
+    assert err.max() < TOL and np.median(err) < MEDIAN_TOL, (err.max(), np.median(err))
     # the same graph without the attention Q/DQ is far from the attention fake-quant model
-    # (measured: max 1e-2, mean 45x the mean above)
+    # (measured: max 1e-2, mean 45x the mean above on Intel VNNI, 9.4x on AMD Zen 3)
     out_fp_attn, _ = _graph_and_reference(attn_art, with_attention=False)
     neg = np.abs(out_fp_attn - ref)
-    assert neg.max() > TOL and neg.mean() > 10 * err.mean(), (neg.max(), neg.mean(), err.mean())
+    assert neg.max() > TOL and neg.mean() > 5 * err.mean(), (neg.max(), neg.mean(), err.mean())  # 45x Intel, 9.4x AMD
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -195,6 +201,6 @@ def test_cross_attention_unet_self_and_cross_attention(tmp_path):
         assert len(rep.attention) == len(plan.attention)
         err = np.abs(_ort(model.SerializeToString()).run(None, feed)[0] - ref)
         if target in TARGETS:
-            assert err.max() < TOL and np.median(err) < 1e-5, (target, err.max(), np.median(err))
+            assert err.max() < TOL and np.median(err) < MEDIAN_TOL, (target, err.max(), np.median(err))
         else:
             assert np.median(err) > 1e-4, np.median(err)
