@@ -107,34 +107,38 @@ def to_unsigned(model) -> int:
     return changed
 
 
-def unsigned_copy(src: Path, dst: Path) -> int:
-    """``src`` with unsigned codes written to ``dst`` (external data next to it when > 1.5 GB)."""
+def _read(src: Path):
     import onnx
 
     from saq_deploy.errors import ModelLoadError
 
     try:
-        model = onnx.load(str(src))
+        return onnx.load(str(src))
     except Exception as e:  # protobuf DecodeError, OSError: the file is not an ONNX graph
         raise ModelLoadError(f"could not read ONNX graph '{src}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    n = to_unsigned(model)
-    big = model.ByteSize() > 1_500_000_000
-    onnx.save(model, str(dst), save_as_external_data=big, location=f"{dst.name}.data" if big else None)
-    return n
 
 
 TMP_SOURCE = ".source-unsigned.onnx"
+IN_MEMORY_MAX = 1_900_000_000  # protobuf's 2 GB limit on one serialized message
 
 
-def source_for_this_cpu(src: Path, tmp: Path) -> tuple[Path, dict]:
+def source_for_this_cpu(src: Path, tmp: Path) -> tuple[Path | bytes, dict]:
     """(the graph a CPU backend should compile here, the manifest's ``int8_codes`` fields). The
-    unsigned copy lives in ``tmp`` until ``drop_source`` removes it after the build."""
+    unsigned graph is handed over in memory (no extra file next to the engine, so a full disk fails
+    on the engine file itself); one over 2 GB is written to ``tmp`` until ``drop_source``."""
     if not saturates_signed_int8():
         return Path(src), {"int8_codes": "signed"}
-    n = unsigned_copy(Path(src), tmp / TMP_SOURCE)
-    return tmp / TMP_SOURCE, {"int8_codes": "unsigned", "int8_codes_note":
-                              f"{n} Q/DQ nodes as UINT8 with zero point 128: this CPU has no VNNI, where "
-                              "u8 x s8 int8 kernels saturate (same values, exact kernels)"}
+    model = _read(Path(src))
+    n = to_unsigned(model)
+    codes = {"int8_codes": "unsigned", "int8_codes_note":
+             f"{n} Q/DQ nodes as UINT8 with zero point 128: this CPU has no VNNI, where "
+             "u8 x s8 int8 kernels saturate (same values, exact kernels)"}
+    if model.ByteSize() < IN_MEMORY_MAX:
+        return model.SerializeToString(), codes
+    import onnx
+
+    onnx.save(model, str(tmp / TMP_SOURCE), save_as_external_data=True, location=f"{TMP_SOURCE}.data")
+    return tmp / TMP_SOURCE, codes
 
 
 def drop_source(tmp: Path) -> None:

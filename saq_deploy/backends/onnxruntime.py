@@ -70,19 +70,22 @@ def session_options(*, opt_level: str = "all", threads: int | None = None, optim
     return so
 
 
-def optimize_model(onnx_path: Path, out_path: Path, *, opt_level: str = "all", providers=None,
-                   disabled_optimizers: tuple[str, ...] = (), nbits_accuracy: int = 0) -> dict:
-    """Let ONNX Runtime optimize ``onnx_path`` and save the result to ``out_path``."""
+def optimize_model(onnx_path: Path | bytes, out_path: Path, *, opt_level: str = "all", providers=None,
+                   disabled_optimizers: tuple[str, ...] = (), nbits_accuracy: int = 0,
+                   shown: Path | None = None) -> dict:
+    """Let ONNX Runtime optimize ``onnx_path`` (a file, or a serialized graph: then ``shown`` names
+    it in errors) and save the result to ``out_path``."""
     ort = _ort()
     provs = resolve_providers(providers)
     t0 = time.perf_counter()
     so = session_options(opt_level=opt_level, optimized_path=out_path, nbits_accuracy=nbits_accuracy)
     try:
-        ort.InferenceSession(str(onnx_path), so, providers=provs, disabled_optimizers=list(disabled_optimizers))
+        src = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+        ort.InferenceSession(src, so, providers=provs, disabled_optimizers=list(disabled_optimizers))
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         if "serialization failed" in str(e).lower():  # writing out_path failed, not reading the source
             raise _write_error(out_path, e) from e
-        raise ModelLoadError(f"ONNX Runtime could not build '{onnx_path}': {str(e).splitlines()[0]}") from e
+        raise ModelLoadError(f"ONNX Runtime could not build '{shown or onnx_path}': {str(e).splitlines()[0]}") from e
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise ModelLoadError(f"ONNX Runtime did not write its optimized graph to '{out_path}'")
     return {"onnxruntime": ort.__version__, "providers": provs, "graph_optimization_level": opt_level,

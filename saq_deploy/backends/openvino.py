@@ -96,7 +96,7 @@ def runtime_precisions(compiled) -> dict:
             "by_type": {k: dict(sorted(v.items())) for k, v in sorted(by_type.items())}}
 
 
-def compile_blob(src: Path, tmp: Path, placement: str, *, threads: int | None = None,
+def compile_blob(src: Path | bytes, tmp: Path, placement: str, *, threads: int | None = None,
                  shown: Path | None = None) -> tuple[dict, dict, str]:
     """Compile ``src`` (Q/DQ ``placement``) with the CPU plugin and write ``tmp/model.blob``;
     returns (files, build, file). ``shown``: the graph to name in errors (``src`` may be a copy)."""
@@ -106,7 +106,10 @@ def compile_blob(src: Path, tmp: Path, placement: str, *, threads: int | None = 
     core = ov.Core()
     t0 = time.perf_counter()
     try:
-        compiled = core.compile_model(core.read_model(str(src)), DEVICE, _config(threads))
+        import io
+
+        graph = io.BytesIO(src) if isinstance(src, bytes) else str(src)  # bytes: an in-memory rewrite
+        compiled = core.compile_model(core.read_model(graph), DEVICE, _config(threads))
     except RuntimeError as e:  # the frontend and the plugin both raise RuntimeError
         raise ModelLoadError(f"OpenVINO could not compile '{shown or src}' for {DEVICE}: {one_line(e)}") from e
     seconds = time.perf_counter() - t0

@@ -119,7 +119,7 @@ class OnnxRuntimeBackend(Backend):
         graph, codes = source_for_this_cpu(src, tmp)
         try:
             build = optimize_model(graph, tmp / "model.onnx", opt_level=opt_level, providers=providers,
-                                   disabled_optimizers=tuple(em.get("ort_disabled_optimizers", ())))
+                                   disabled_optimizers=tuple(em.get("ort_disabled_optimizers", ())), shown=src)
         finally:
             drop_source(tmp)
         return Built({"model.onnx": sha256_file(tmp / "model.onnx")}, {**build, **codes}, "model.onnx")
