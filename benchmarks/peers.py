@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see speed.py: torch and ORT calls alternate
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed import Model, calib_feeds, ort_quantize_static
+from benchmarks.stats import fid_with_ci, paired_fid_delta
 from saq_deploy.backends import load_engine
 from saq_deploy.backends.onnxruntime import OrtRunner
 from saq_deploy.utils.versions import cpu_model
@@ -135,7 +137,7 @@ def snr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
     return float("inf") if err == 0 else 10 * np.log10(float((ref.double() ** 2).sum()) / err)
 
 
-def quality(calls: dict, m: Model, psnr_n: int) -> dict:
+def quality(calls: dict, m: Model, psnr_n: int, fid: bool, resamples: int = 100) -> dict:
     from saq_deploy.eval.metrics import psnr
     from saq_deploy.generate import SampleSettings, generate
 
@@ -150,20 +152,68 @@ def quality(calls: dict, m: Model, psnr_n: int) -> dict:
         out["variants"][k] = {"snr_median_db": statistics.median(s), "snr_min_db": min(s),
                               "snr_min_t": float(feeds[worst]["timestep"].reshape(-1)[0])}
     if psnr_n:
-        settings = SampleSettings(sampler="ddim", steps=10, cfg=1.5, seed=0, n=psnr_n, batch_size=psnr_n)
+        # the same seeds for every variant: paired PSNR and a paired digit-FID difference vs FP32
+        settings = SampleSettings(sampler="ddim", steps=10, cfg=1.5, seed=0, n=psnr_n, batch_size=min(psnr_n, 100))
 
         def sample(f):
-            def eps(x, t, cond):
-                return f({"sample": x, "timestep": t.reshape(-1).expand(x.shape[0]).float(), m.cond_key: cond})
-            return generate(eps, m.loaded.schedule(), m.shape, settings, **m.guidance(psnr_n))[0]
+            return generate(_eps_of(f, m), m.loaded.schedule(), m.shape, settings, **m.guidance(psnr_n))[0]
 
         ref = sample(calls["torch-fp32"])
+        feats = digit_features(ref) if fid else None
+        fname = _digit_feature_name()
         out["psnr_n"] = psnr_n
+        if fid:
+            value, lo, hi = fid_with_ci(feats, fname, resamples, 0)
+            other = dataclasses.replace(settings, seed=1)  # FP's own seed-to-seed spread
+            x1 = generate(_eps_of(calls["torch-fp32"], m), m.loaded.schedule(), m.shape, other, **m.guidance(psnr_n))[0]
+            value1 = fid_with_ci(digit_features(x1), fname, 2, 0)[0]
+            out["fp32_digit_fid"] = {"fid": value, "ci": [lo, hi], "fid_seed1": value1}
         for k, f in calls.items():
             if k != "torch-fp32":
                 x = sample(f)
                 out["variants"][k]["psnr_db"] = statistics.mean(psnr(ref[i].numpy(), x[i].numpy()) for i in range(psnr_n))
+                if fid:
+                    fq = digit_features(x)
+                    value, lo, hi = fid_with_ci(fq, fname, resamples, 0)
+                    d = paired_fid_delta(fq, feats, fname, resamples, 1)
+                    out["variants"][k].update({"digit_fid": value, "digit_fid_ci": [lo, hi],
+                                               "fid_minus_fp": d["delta"], "fid_minus_fp_ci": d["ci"]})
     return out
+
+
+def _eps_of(f, m: Model):
+    """A benchmark call (feed dict -> eps) as the sampler's eps(x, t, cond) contract."""
+    def eps(x, t, cond):
+        return f({"sample": x, "timestep": t.reshape(-1).expand(x.shape[0]).float(), m.cond_key: cond})
+    return eps
+
+
+def _digit_feature_name() -> str:
+    from saq_deploy.eval.features import DigitFeatures
+
+    return DigitFeatures().name
+
+
+def digit_features(images: torch.Tensor) -> np.ndarray:
+    from saq_deploy.eval.features import DigitFeatures
+
+    return np.asarray(DigitFeatures()(images), dtype=np.float64)
+
+
+def full_sample(calls: dict, m: Model, batch: int, rounds: int) -> dict[str, dict]:
+    """Wall time of a whole 10-step DDIM CFG 1.5 sample (batch ``batch``: 2x that per UNet call),
+    every variant once per round, the order rotated."""
+    from saq_deploy.generate import SampleSettings, generate
+
+    settings = SampleSettings(sampler="ddim", steps=10, cfg=1.5, seed=0, n=batch, batch_size=batch)
+    names, times = list(calls), {k: [] for k in calls}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            eps = _eps_of(calls[k], m)
+            t0 = time.perf_counter()
+            generate(eps, m.loaded.schedule(), m.shape, settings, **m.guidance(batch))
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)} for k, v in times.items()}
 
 
 def render(res: dict) -> str:
@@ -186,15 +236,38 @@ def render(res: dict) -> str:
         lines += ["", (f"Our best ({best}): {lat['ort-qstatic']['median_ms'] / lat[best]['median_ms']:.2f}x vs "
                   f"quantize_static, {lat['ov-nncf']['median_ms'] / lat[best]['median_ms']:.2f}x vs NNCF "
                   "(> 1: ours faster)."), ""]
+    if "full_sample" in res:
+        fs, b = res["full_sample"], res["full_sample_batch"]
+        lines += [f"## full 10-step DDIM sample, CFG 1.5, batch {b} (2x{b} per UNet call)", "",
+                  f"{res['full_sample_rounds']} rounds, variant order rotated; wall seconds per sample call.", "",
+                  "| variant | median s | min / max s | vs ORT FP32 |", "|---|---|---|---|"]
+        for k in names:
+            v = fs[k]
+            lines.append(f"| {k} | {v['median_s']:.3f} | {v['min_s']:.3f} / {v['max_s']:.3f} | "
+                         f"{fs['ort-fp32']['median_s'] / v['median_s']:.2f}x |")
+        lines.append("")
     q = res["quality"]
+    fid = "fp32_digit_fid" in q
     lines += ["## quality vs PyTorch FP32", "",
               f"Per-call SNR of eps on {q['held_out_calls']} held-out recorded calls (batch {q['held_out_batch']}: "
               "DDIM-10 CFG 1.5 trajectories, seed 12345, not the calibration feeds)"
-              + (f"; paired PSNR (data range 2) of final DDIM-10 CFG 1.5 samples, {q['psnr_n']} samples at seed 0."
-                 if "psnr_n" in q else "."), "",
-              "| variant | SNR median dB | SNR min dB (at t) | sample PSNR dB |", "|---|---|---|---|"]
+              + (f"; paired PSNR (data range 2) of final DDIM-10 CFG 1.5 samples, {q['psnr_n']} samples at seed 0"
+                 if "psnr_n" in q else "")
+              + ("; digit-FID of those samples (95 % bootstrap interval) and its paired difference to PyTorch "
+                 "FP32's samples at the same seeds." if fid else "."), ""]
+    if fid:
+        f0 = q["fp32_digit_fid"]
+        lines += [(f"PyTorch FP32: digit-FID {f0['fid']:.2f} [{f0['ci'][0]:.2f}, {f0['ci'][1]:.2f}]; the same at "
+                  f"seed 1: {f0['fid_seed1']:.2f} (FP's own seed-to-seed spread {abs(f0['fid'] - f0['fid_seed1']):.2f})."), ""]
+    head = "| variant | SNR median dB | SNR min dB (at t) | sample PSNR dB |" + (
+        " digit-FID | FID − FP32 (paired) |" if fid else "")
+    lines += [head, "|---|---|---|---|" + ("---|---|" if fid else "")]
     for k, v in q["variants"].items():
-        lines.append(f"| {k} | {v['snr_median_db']:.1f} | {v['snr_min_db']:.1f} ({v['snr_min_t']:.0f}) | {v.get('psnr_db', float('nan')):.1f} |")
+        row = f"| {k} | {v['snr_median_db']:.1f} | {v['snr_min_db']:.1f} ({v['snr_min_t']:.0f}) | {v.get('psnr_db', float('nan')):.1f} |"
+        if fid:
+            row += (f" {v['digit_fid']:.2f} [{v['digit_fid_ci'][0]:.2f}, {v['digit_fid_ci'][1]:.2f}] |"
+                    f" {v['fid_minus_fp']:+.2f} [{v['fid_minus_fp_ci'][0]:+.2f}, {v['fid_minus_fp_ci'][1]:+.2f}] |")
+        lines.append(row)
     lines += ["", "## notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)
 
@@ -208,6 +281,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", choices=("performance", "mixed"), default="performance", help="NNCF preset")
     ap.add_argument("--psnr-n", type=int, default=64, help="samples for the paired PSNR (0: skip)")
+    ap.add_argument("--fid", action="store_true", help="also digit-FID of those samples, paired with FP32")
+    ap.add_argument("--resamples", type=int, default=100, help="bootstrap resamples of the FID intervals")
+    ap.add_argument("--sample-batch", type=int, default=8, help="batch of the timed full 10-step CFG sample")
+    ap.add_argument("--sample-rounds", type=int, default=5, help="rounds of the timed full sample (0: skip)")
     ap.add_argument("--note", action="append", default=[], help="extra note for the report (repeatable)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed-peers")
     args = ap.parse_args()
@@ -229,13 +306,17 @@ def main() -> None:
             print(f"batch {b}: {args.rounds} rounds x {len(calls)} variants", flush=True)
             latency[str(b)] = per_call(calls, m.batch(b), args.rounds)
             print("   ", {k: round(v["median_ms"], 2) for k, v in latency[str(b)].items()}, flush=True)
-        qual = quality(calls, m, args.psnr_n)
+        full = full_sample(calls, m, args.sample_batch, args.sample_rounds) if args.sample_rounds else None
+        qual = quality(calls, m, args.psnr_n, args.fid, args.resamples)
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
     res = {"model": args.model, "command": "python benchmarks/peers.py " + " ".join(argv) + (" --note ..." if args.note else ""),
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads},
            "load_before": " ".join(load_before), "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
            "versions": {p: version(p) for p in ("torch", "onnxruntime", "openvino", "nncf")},
-           "rounds": args.rounds, "nncf_preset": args.preset, "build": notes, "latency": latency, "quality": qual,
+           "rounds": args.rounds,
+           **({"full_sample": full, "full_sample_batch": args.sample_batch, "full_sample_rounds": args.sample_rounds}
+              if full else {}),
+           "nncf_preset": args.preset, "build": notes, "latency": latency, "quality": qual,
            "notes": [(f"NNCF preset {args.preset.upper()}, subset_size = all {len(feeds)} calibration batches "
                      f"(batch {int(feeds[0]['sample'].shape[0])}, real DDIM-10 CFG 1.5 FP trajectory inputs), "
                      f"target_device ANY; NNCF took {notes['nncf_time_s']} s, quantize_static {notes['qstatic_time_s']} s."),

@@ -116,22 +116,29 @@ def build_ours(work: Path, model: str, np_feeds: list[dict]) -> dict:
 
 def engines(work: Path, threads: int) -> dict:
     """Our four engines, built and opened with the backends' own code (what build-engine does)."""
+    from saq_deploy.backends.int8_codes import drop_source, source_for_this_cpu
     from saq_deploy.backends.onnxruntime import OrtRunner, optimize_model
     from saq_deploy.backends.openvino import OvRunner, compile_blob
     from saq_deploy.export.api import ORT_DISABLED_OPTIMIZERS
 
     out, notes = {}, {}
     for name, (target, _) in OURS.items():
+        # as build-engine: on x86 without VNNI the same codes go in as UINT8 zp 128 (deployment.md §8)
+        onnx_path = work / f"{name}.onnx"
+        src, codes = source_for_this_cpu(onnx_path, work)
         if target == "onnxruntime-cpu":
-            b = optimize_model(work / f"{name}.onnx", work / f"{name}.engine.onnx", disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
+            b = optimize_model(src, work / f"{name}.engine.onnx", disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+                               shown=onnx_path)
             out[name] = OrtRunner(work / f"{name}.engine.onnx", threads=threads, opt_level="disable")
-            notes[name] = {"build_s": b["build_time_s"]}
+            notes[name] = {"build_s": b["build_time_s"], **codes}
         else:
             d = work / f"{name}.ov"
             d.mkdir(exist_ok=True)
-            _, b, f = compile_blob(work / f"{name}.onnx", d, target, threads=threads)
+            _, b, f = compile_blob(src, d, target, threads=threads, shown=onnx_path)
             out[name] = OvRunner(d / f, b, threads=threads)
-            notes[name] = {"build_s": b["build_time_s"], "compute_layers": b["precisions"]["compute_layers"]}
+            notes[name] = {"build_s": b["build_time_s"], "compute_layers": b["precisions"]["compute_layers"], **codes}
+        del src
+        drop_source(work)
         gc.collect()
     return out, notes
 

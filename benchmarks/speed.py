@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--sd-calls", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed-ort")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {"command": "python benchmarks/speed.py " + " ".join(os.sys.argv[1:]),

@@ -1,4 +1,4 @@
-"""Render benchmarks/speed.py results to docs/results/speed.{md,json} with the targets marked."""
+"""Render benchmarks/speed.py results to docs/results/speed-ort.{md,json} with the targets marked."""
 
 from __future__ import annotations
 
