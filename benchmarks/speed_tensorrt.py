@@ -98,7 +98,11 @@ def torch_variants(fq, dtypes: tuple[torch.dtype, ...], fake_quant: bool) -> dic
         from saq_deploy.calibrate.artifact import FakeQuantEpsModel
 
         unet = copy.deepcopy(fq.loaded.unet).cuda().eval()
-        out["PyTorch fake-quant fp32 eager"] = FakeQuantEpsModel(unet, fq.manifest["quant_config"]["act"]["timestep_groups"])
+        from saq_deploy.quant.timestep import TimestepGroups
+
+        qc = fq.manifest["quant_config"]
+        out["PyTorch fake-quant fp32 eager"] = FakeQuantEpsModel(unet, TimestepGroups.from_quant_config(qc),
+                                                                 int(qc.get("num_train_timesteps", 1000)))
     return out
 
 

@@ -48,6 +48,10 @@ VARIANTS = {
     "sa-qlora-40ep": ("sa-qlora", {"qlora.epochs": 40}),  # a longer schedule
     # K timestep groups of activation steps: deployable as K engines sharing one set of weights
     **{f"{m}-g{k}": (m, {"quant.act_timestep_groups": k}) for m in ("minmax", "qlora-mse", "sa-qlora") for k in (2, 4)},
+    # 2 groups [0, 990) at the recipe's activation bits and [990, T) at 8 (docs/design/deployment.md §7.1):
+    # W4A4 breaks on the first call(s) at t ~ T, so that call runs at 8-bit activations, same weights
+    **{f"{m}-t8": (m, {"quant.act_timestep_bounds": [990], "quant.act_group_bits": [4, 8]})
+       for m in ("minmax", "qlora-mse", "sa-qlora")},
     **{f"sa-ptq-w{w:g}": ("sa-ptq", {"calibration.mota_weight": w}) for w in (0.25, 0.5, 0.75)},
     **{f"sa-qlora-w{w:g}": ("sa-qlora", {"calibration.mota_weight": w}) for w in (0.25, 0.5, 0.75)},
     # + the network stage (docs/design/method.md §4.1): 100 joint iterations of batch 32 through the whole

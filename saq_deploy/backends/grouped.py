@@ -69,6 +69,12 @@ def build_groups(spec: Backend, src: Path, tmp: Path, export_dir: Path, em: dict
     section = {"groups": sec["groups"], "num_train_timesteps": sec["num_train_timesteps"],
                "assign": sec.get("assign"), "weights_sha256": sec.get("weights_sha256"),
                "weights_identical": sec.get("weights_identical"), "engines": engines}
+    for key in ("bounds", "act_bits"):  # explicit boundaries / per-group activation bits, when set
+        if key in sec:
+            section[key] = sec[key]
+    for e, entry in zip(engines, sec["graphs"], strict=True):
+        if "act_bits" in entry:
+            e["act_bits"] = entry["act_bits"]
     combined = Built(files, first.build, f"{group_dir(0)}/{first.engine_file}", first.max_batch)
     return combined, section
 
@@ -104,7 +110,7 @@ def open_runner(spec: Backend, path: Path, manifest: dict, **kw) -> Runner:
         for r in runners:
             r.close()
         raise
-    return GroupedRunner(runners, int(sec["num_train_timesteps"]))
+    return GroupedRunner(runners, int(sec["num_train_timesteps"]), sec.get("bounds", ()))
 
 
 def describe_groups(spec: Backend, path: Path, manifest: dict) -> tuple[str, str, dict]:
@@ -114,7 +120,8 @@ def describe_groups(spec: Backend, path: Path, manifest: dict) -> tuple[str, str
     for e, (sub, m) in zip(sec["engines"], groups_of(manifest), strict=True):
         head, body, d = spec.describe(Path(path) / sub, m)
         lo, hi = e["t_range"]
-        heads.append(f"group {e['group']} (t in [{lo:g}, {hi:g})): {head}")
+        bits = f", A{e['act_bits']}" if "act_bits" in e else ""
+        heads.append(f"group {e['group']} (t in [{lo:g}, {hi:g}){bits}): {head}")
         bodies.append(f"-- group {e['group']} --\n{body}")
         data["groups"].append({"group": e["group"], "t_range": e["t_range"], **d})
     head = (f"{sec['groups']} timestep groups over [0, {sec['num_train_timesteps']}), one {spec.title} engine each "
@@ -126,9 +133,12 @@ class GroupedRunner:
     """K runners, one per timestep group: a call's rows go to their group's runner (split and
     scattered back in order when the rows of a batch fall in different groups)."""
 
-    def __init__(self, runners: list[Runner], num_train_timesteps: int):
+    def __init__(self, runners: list[Runner], num_train_timesteps: int, bounds=()):
+        from saq_deploy.quant.timestep import TimestepGroups
+
         self.runners = list(runners)
         self.num_train_timesteps = num_train_timesteps
+        self.groups = TimestepGroups(len(self.runners), bounds)  # the export's boundaries, if any
         dev = getattr(self.runners[0], "device", None)
         if dev is not None:
             self.device = dev
@@ -136,7 +146,7 @@ class GroupedRunner:
     def group_ids(self, timestep: torch.Tensor) -> torch.Tensor:
         from saq_deploy.quant.timestep import timestep_groups
 
-        return timestep_groups(timestep.detach().cpu(), len(self.runners), self.num_train_timesteps)
+        return timestep_groups(timestep.detach().cpu(), self.groups, self.num_train_timesteps)
 
     def run(self, feeds: dict[str, torch.Tensor], out_shape: tuple[int, ...]) -> torch.Tensor:
         ids = self.group_ids(feeds["timestep"])

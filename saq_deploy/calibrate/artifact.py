@@ -34,6 +34,7 @@ class FakeQuantEpsModel:
     """EpsModel over a fake-quant UNet: sets the timestep-group context, then calls the UNet."""
 
     def __init__(self, unet: torch.nn.Module, timestep_groups: int = 1, num_train_timesteps: int = 1000):
+        """``timestep_groups``: a count or a ``quant.timestep.TimestepGroups`` (with boundaries)."""
         from saq_deploy.models.eps_model import TorchEpsModel
 
         self.inner = TorchEpsModel(unet)
@@ -56,7 +57,11 @@ class CalibratedModel:
     fp_unet: torch.nn.Module
 
     def eps_model(self) -> FakeQuantEpsModel:
-        return FakeQuantEpsModel(self.loaded.unet, self.manifest["quant_config"]["act"]["timestep_groups"])
+        from saq_deploy.quant.timestep import TimestepGroups
+
+        qc = self.manifest["quant_config"]
+        return FakeQuantEpsModel(self.loaded.unet, TimestepGroups.from_quant_config(qc),
+                                 int(qc.get("num_train_timesteps", 1000)))
 
     def prompt_cond(self, n: int) -> tuple[Tensor | None, Tensor | None]:
         """A text artifact's sampling inputs: its calibration prompts' embeddings cycled over ``n``

@@ -51,6 +51,8 @@ def check_int8(qcfg: Any) -> None:
     """ModelOpt's INT8 preset is W8A8: refuse any other quantization config."""
     if qcfg.weight.bits != 8 or qcfg.act.bits != 8 or not qcfg.act.enabled:
         raise ConfigError("modelopt-int8 is an INT8 baseline: use --bits w8a8")
+    if any(b != 8 for b in getattr(qcfg.act, "group_bits", ())):
+        raise ConfigError("modelopt-int8 is an INT8 baseline: leave quant.act_group_bits at 8 (or unset)")
 
 
 def _fp_copy(unet: nn.Module) -> nn.Module:

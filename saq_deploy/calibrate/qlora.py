@@ -171,7 +171,7 @@ def _prepare(loaded, recipe: Recipe, ds, qcfg):
     quantize_(unet, qcfg)
     if qcfg.act.enabled:
         records = Records(ds, recipe, loaded.null_label, loaded.cond_table)
-        feeds = Records.feeds(unet, records.student, qcfg.act.timestep_groups, qcfg.num_train_timesteps,
+        feeds = Records.feeds(unet, records.student, qcfg.act.grouping, qcfg.num_train_timesteps,
                               table=records.table)
         init_act_steps(unet, lambda: [f() for f in feeds],
                        method=_act_method(recipe.calibration.method, recipe.quant.act_observer, qcfg.act.bits))
@@ -265,7 +265,7 @@ def run_qlora(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress: b
     schedule = loaded.schedule()
     T = schedule.num_train_timesteps
     qcfg = quant_config_for(recipe, T)
-    groups = qcfg.act.timestep_groups
+    groups = qcfg.act.grouping
     fp_unet = copy.deepcopy(loaded.unet).eval()
     for p in fp_unet.parameters():
         p.requires_grad_(False)

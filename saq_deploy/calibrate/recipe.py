@@ -5,6 +5,8 @@ Schema (every key optional; defaults below)::
     [model]           spec = "builtin:digits"
     [quant]           bits = "w8a8"            # w8a8 | w4a8 | w4a4
                       act_timestep_groups = 1   # >1: one activation step per timestep group
+                      act_timestep_bounds = []  # ascending t inside (0, T): groups [0, b1), [b1, b2), ..
+                      act_group_bits = []       # one of 4 | 8 per group (default: the bits' activations)
                       weight_block_size = 64    # 4-bit Linear weights: 64 | 128 | 0 (per channel)
                       act_observer = "auto"     # brecq/sa-ptq initial act steps: auto (minmax for
                                                 # 8-bit acts, mse for 4-bit) | minmax | percentile | mse
@@ -34,6 +36,7 @@ Schema (every key optional; defaults below)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -94,6 +97,15 @@ class QuantSection:
     weight_block_size: int = 64  # 4-bit Linear / 1x1 weights: INT4 blocks along the input dim; 0 = per channel
     act_observer: str = "auto"  # reconstruction methods' initial activation steps
     attention_matmul: bool = False  # also fake-quantize q, k, v and softmax probs (research; off like NVIDIA's INT8)
+    # explicit group boundaries (groups = len + 1, group g = [b_g, b_{g+1})) and per-group activation
+    # bits (docs/design/deployment.md §7.1); empty: equal-width groups, every group at the bits' width
+    act_timestep_bounds: tuple[int, ...] = ()
+    act_group_bits: tuple[int, ...] = ()
+
+    @property
+    def groups(self) -> int:
+        """The number of activation timestep groups (the bounds' count + 1 when bounds are given)."""
+        return len(self.act_timestep_bounds) + 1 if self.act_timestep_bounds else self.act_timestep_groups
 
     def __post_init__(self) -> None:
         _choice(self.bits, BITS, "quant.bits")
@@ -105,6 +117,27 @@ class QuantSection:
                               "are 64 or 128 (0 = per-channel INT4)")
         if not isinstance(self.act_timestep_groups, int) or self.act_timestep_groups < 1:
             raise ConfigError(f"quant.act_timestep_groups must be an integer >= 1, got {self.act_timestep_groups!r}")
+        b, bits = self.act_timestep_bounds, self.act_group_bits
+        for key, v in (("act_timestep_bounds", b), ("act_group_bits", bits)):
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ConfigError(f"quant.{key} must be a list of integers, got {v!r}")
+        object.__setattr__(self, "act_timestep_bounds", tuple(b))
+        object.__setattr__(self, "act_group_bits", tuple(bits))
+        if b and (b[0] <= 0 or any(x >= y for x, y in itertools.pairwise(b))):
+            raise ConfigError(f"quant.act_timestep_bounds must be strictly ascending timesteps inside (0, T), "
+                              f"got {list(b)}")
+        if b and self.act_timestep_groups not in (1, len(b) + 1):
+            raise ConfigError(f"quant.act_timestep_bounds {list(b)} make {len(b) + 1} groups but "
+                              f"quant.act_timestep_groups = {self.act_timestep_groups}: set one of them")
+        if bits and self.groups == 1:
+            raise ConfigError("quant.act_group_bits needs 2 or more timestep groups (quant.act_timestep_bounds or "
+                              "act_timestep_groups); with one group, quant.bits sets the activation width")
+        if bits and len(bits) != self.groups:
+            raise ConfigError(f"quant.act_group_bits {list(bits)} needs one bit width per timestep group "
+                              f"({self.groups})")
+        if any(x not in (4, 8) for x in bits):
+            raise ConfigError(f"quant.act_group_bits must hold 4 or 8 per group, got {list(bits)}")
 
 
 @dataclass(frozen=True)
@@ -273,6 +306,11 @@ class Recipe:
         for key, default in (("network_iters", 0), ("network_lr_scale", NETWORK_LR_SCALE)):
             if data["reconstruction"][key] == default:
                 data["reconstruction"].pop(key)
+        for key in ("act_timestep_bounds", "act_group_bits"):  # absent at the default: hash as before
+            if data["quant"][key]:
+                data["quant"][key] = list(data["quant"][key])
+            else:
+                data["quant"].pop(key)
         if data["qlora"]["same_point_epochs"] == 0:
             data["qlora"].pop("same_point_epochs")
         if not get_method(self.calibration.method).fine_tunes:
@@ -328,7 +366,12 @@ def quant_config_for(recipe: Recipe, num_train_timesteps: int):
     from saq_deploy.quant.config import preset
 
     cfg = preset(recipe.quant.bits)
-    act = dataclasses.replace(cfg.act, timestep_groups=recipe.quant.act_timestep_groups)
+    q = recipe.quant
+    if q.act_timestep_bounds and q.act_timestep_bounds[-1] >= num_train_timesteps:
+        raise ConfigError(f"quant.act_timestep_bounds {list(q.act_timestep_bounds)} must lie inside (0, T): "
+                          f"this model's scheduler has T = {num_train_timesteps} timesteps")
+    act = dataclasses.replace(cfg.act, timestep_groups=q.groups, timestep_bounds=q.act_timestep_bounds,
+                              group_bits=q.act_group_bits)
     weight = cfg.weight
     if weight.bits == 4:  # 4-bit Linear weights: INT4 blocks (TensorRT GEMM rule) or per channel
         bs = recipe.quant.weight_block_size

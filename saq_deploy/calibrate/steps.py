@@ -139,7 +139,7 @@ def run_pipeline(loaded, recipe: Recipe, ds, work: Path, rhash: str, *, progress
     method = get_method(recipe.calibration.method)
     T = loaded.schedule().num_train_timesteps
     qcfg = quant_config_for(recipe, T)
-    groups = qcfg.act.timestep_groups
+    groups = qcfg.act.grouping
     fp_unet = copy.deepcopy(loaded.unet).eval()
     records = Records(ds, recipe, loaded.null_label, loaded.cond_table)
     ckpt = _read_ckpt(work, rhash)
@@ -182,7 +182,7 @@ def _reconstruct_all(unet, fp_unet, records: Records, recipe: Recipe, qcfg, work
     from saq_deploy.calibrate.reconstruct import reconstruct_block
     from saq_deploy.utils.progress import progress as progress_for
 
-    T, groups = qcfg.num_train_timesteps, qcfg.act.timestep_groups
+    T, groups = qcfg.num_train_timesteps, qcfg.act.grouping
     w, settings = _mota_weight(recipe), _settings(recipe, qcfg)
     blocks = _blocks(unet, records, groups, T)
     fp_modules = dict(fp_unet.named_modules())
@@ -223,7 +223,7 @@ def _settings(recipe: Recipe, qcfg):
     r = recipe.reconstruction
     return ReconSettings(iters=r.iters, batch_size=r.batch_size, lr_round=r.lr_round, lr_act=r.lr_act,
                          round_weight=r.round_weight, beta_start=r.beta_start, beta_end=r.beta_end,
-                         warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=qcfg.act.timestep_groups,
+                         warmup=r.warmup, cos_weight=r.cos_weight, timestep_groups=qcfg.act.grouping,
                          num_train_timesteps=qcfg.num_train_timesteps)
 
 
@@ -244,7 +244,7 @@ def _network_stage(unet, fp_unet, records: Records, recipe: Recipe, qcfg, *, pro
     from saq_deploy.calibrate.network_stage import run_network_stage
     from saq_deploy.calibrate.reconstruct import quant_layers
 
-    blocks = _blocks(unet, records, qcfg.act.timestep_groups, qcfg.num_train_timesteps)
+    blocks = _blocks(unet, records, qcfg.act.grouping, qcfg.num_train_timesteps)
     layers = [layer for _, b in blocks for layer in quant_layers(b)]
     r = recipe.reconstruction
     return run_network_stage(unet, fp_unet, layers, records, _settings(recipe, qcfg), iters=r.network_iters,

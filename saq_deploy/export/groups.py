@@ -1,7 +1,8 @@
 """Timestep-group graphs: one static Q/DQ graph per activation-step group.
 
 An artifact calibrated with ``quant.act_timestep_groups = K`` holds K steps per activation (and
-attention-matmul) quantizer, one per equal-width timestep group over [0, T)
+attention-matmul) quantizer, one per equal-width timestep group over [0, T), or per group between
+``quant.act_timestep_bounds``, each at its ``quant.act_group_bits`` width when given
 (``saq_deploy.quant.timestep.timestep_groups``). A static Q/DQ graph holds one scale per tensor,
 so the deployable form is K graphs beside the collapsed one, in the same export folder:
 
@@ -10,8 +11,9 @@ so the deployable form is K graphs beside the collapsed one, in the same export 
     onnx/<target>/model.g{g}.fp16.onnx   (tensorrt) the FP16-typed sibling of group g's graph
 
 The manifest's ``timestep_groups`` section says K, T, the mode, each group's t-range, files and
-hashes, and the digest of the weight initializers, which is the same in every graph. Export-time
-scales (conv outputs, residual Adds) are observed once, on the collapsed graph, and shared.
+hashes (and, when set, the bounds and each group's activation bits), and the digest of the weight
+initializers, which is the same in every graph. Export-time scales (conv outputs, residual Adds)
+are observed once, on the collapsed graph, and shared.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def group_file(name: str, g: int) -> str:
 
 
 def t_ranges(groups: int, num_train_timesteps: int) -> list[list[float]]:
-    """[lo, hi) of each group: ``timestep_groups`` puts t in group floor(t * K / T)."""
-    return [[g * num_train_timesteps / groups, (g + 1) * num_train_timesteps / groups] for g in range(groups)]
+    """[lo, hi) of each group as ``timestep_groups`` assigns t: floor(t * K / T), or by the
+    boundaries of a ``TimestepGroups`` passed as ``groups``."""
+    from saq_deploy.quant.timestep import TimestepGroups
+
+    g = groups if isinstance(groups, TimestepGroups) else TimestepGroups(groups)
+    return g.t_ranges(num_train_timesteps)
 
 
 def weight_digest(model: onnx.ModelProto) -> str:
@@ -76,6 +82,13 @@ def num_train_timesteps(manifest: dict) -> int:
     return int(manifest["quant_config"].get("num_train_timesteps", 1000))
 
 
+def grouping(manifest: dict):
+    """The artifact's timestep groups (count and boundaries) from its stored quant config."""
+    from saq_deploy.quant.timestep import TimestepGroups
+
+    return TimestepGroups.from_quant_config(manifest["quant_config"])
+
+
 def write_group_graphs(tmp: Path, mode: str, plan, manifest: dict, *, target: str, fp16: bool,
                        build: Callable, fp16_of: Callable) -> tuple[dict[str, str], dict | None]:
     """Write group g's graph (``build(plan.for_group(g))``) for each g into ``tmp``; returns the
@@ -88,9 +101,19 @@ def write_group_graphs(tmp: Path, mode: str, plan, manifest: dict, *, target: st
     if k <= 1:
         return {}, None
     T = num_train_timesteps(manifest)
-    section = {"mode": mode, "groups": k, "num_train_timesteps": T,
-               "assign": "group = clamp(floor(t * groups / num_train_timesteps), 0, groups - 1)",
-               "t_ranges": t_ranges(k, T), "graphs": []}
+    grp = grouping(manifest)
+    if int(grp) != k:  # no boundaries stored for these K groups: the equal-width rule, as before
+        if grp.bounds:
+            raise ConfigError(f"the quant config's timestep bounds {list(grp.bounds)} make {int(grp)} groups, "
+                              f"the calibrated quantizers have {k}")
+        grp = type(grp)(k)
+    section = {"mode": mode, "groups": k, "num_train_timesteps": T, "assign": grp.assign_rule(),
+               "t_ranges": t_ranges(grp, T), "graphs": []}
+    bits = plan.group_act_bits()
+    if grp.bounds:  # keys absent for equal-width groups at one width: manifests as before
+        section["bounds"] = list(grp.bounds)
+    if bits is not None:
+        section["act_bits"] = bits
     if mode == COLLAPSED:
         return {}, section
     files, digests = {}, set()
@@ -98,6 +121,8 @@ def write_group_graphs(tmp: Path, mode: str, plan, manifest: dict, *, target: st
         model = build(plan.for_group(g))
         digests.add(weight_digest(model))
         entry = {"group": g, "t_range": rng, "files": {}}
+        if bits is not None:
+            entry["act_bits"] = bits[g]
         onnx.save(model, str(tmp / group_file("model.onnx", g)))
         written = ["model.onnx"]
         if fp16:

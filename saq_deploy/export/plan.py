@@ -26,6 +26,7 @@ class LayerQuant:
     act_groups: int = 1
     notes: list[str] = field(default_factory=list)
     act_group_steps: tuple[float, ...] = ()  # the calibrated step of each timestep group
+    act_group_bits: tuple[int, ...] = ()  # each group's activation bits when they differ (else act_bits)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class AttentionQuant:
     act_groups: int = 1
     notes: list[str] = field(default_factory=list)
     group_steps: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per timestep group
+    group_bits: tuple[int, ...] = ()  # each group's bits when they differ (else act_bits)
 
 
 class ExportPlan(list):
@@ -57,10 +59,19 @@ class ExportPlan(list):
         steps (static for that group: nothing collapsed, so no collapse notes)."""
         if not 0 <= g < self.timestep_groups:
             raise ConfigError(f"timestep group {g} out of range for {self.timestep_groups} groups")
-        layers = [replace(lq, act_step=_pick(lq.act_group_steps, g, lq.act_step), notes=[]) for lq in self]
+        layers = [replace(lq, act_step=_pick(lq.act_group_steps, g, lq.act_step), notes=[],
+                          act_bits=lq.act_group_bits[g] if lq.act_group_bits else lq.act_bits) for lq in self]
         attn = [replace(aq, steps={qn: _pick(aq.group_steps.get(qn, ()), g, s) for qn, s in aq.steps.items()},
-                        notes=[]) for aq in self.attention]
+                        notes=[], act_bits=aq.group_bits[g] if aq.group_bits else aq.act_bits)
+                for aq in self.attention]
         return ExportPlan(layers, attn)
+
+    def group_act_bits(self) -> list[int] | None:
+        """Each group's activation bits (the main-spec layers'), or None when no quantizer has
+        per-group bits (every group at the recipe's width: manifests as before)."""
+        per = [lq.act_group_bits for lq in self if lq.act_group_bits]
+        per += [aq.group_bits for aq in self.attention if aq.group_bits]
+        return list(per[0]) if per else None
 
 
 def _pick(steps: tuple[float, ...], g: int, default: float | None) -> float | None:
@@ -75,9 +86,23 @@ def group_steps(steps: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(v) for v in steps.detach().float().reshape(-1))
 
 
-def collapse_steps(steps: torch.Tensor) -> float:
-    """One static step for several timestep groups: the largest, so no group clips more than it did."""
-    return float(steps.detach().float().max())
+def collapse_steps(steps: torch.Tensor, group_bits: tuple[int, ...] = (), bits: int | None = None) -> float:
+    """One static step for several timestep groups: the largest, so no group clips more than it did.
+    With per-group bits, the largest of the groups at ``bits`` (the collapsed graph's width, the
+    narrowest group's: see ``_collapsed_bits``)."""
+    s = steps.detach().float().reshape(-1)
+    if group_bits and bits in group_bits:
+        s = s[torch.tensor([b == bits for b in group_bits])]
+    return float(s.max())
+
+
+def _mixed(q) -> tuple[int, ...]:
+    return tuple(q.group_bits) if q.mixed_bits else ()
+
+
+def _collapsed_bits(q) -> int:
+    """The one graph's activation width: the narrowest group's (with that group's step range)."""
+    return min(q.group_bits) if q.mixed_bits else q.bits
 
 
 def _attention_plan(unet: torch.nn.Module) -> list[AttentionQuant]:
@@ -90,10 +115,11 @@ def _attention_plan(unet: torch.nn.Module) -> list[AttentionQuant]:
             raise ConfigError(f"attention '{name}' has a disabled or uninitialized matmul quantizer; calibrate first")
         groups = quants["q_quant"].groups
         notes = [f"{groups} timestep-group attention steps collapsed to one static step (their max)"] if groups > 1 else []
+        gb, bits = _mixed(quants["q_quant"]), _collapsed_bits(quants["q_quant"])
         # the processor splits heads by the key's width (to_k's output features)
-        out.append(AttentionQuant(name, attn.to_k.out_features // attn.heads, quants["q_quant"].bits,
-                                  {qn: collapse_steps(q.step) for qn, q in quants.items()}, groups, notes,
-                                  {qn: group_steps(q.step) for qn, q in quants.items()}))
+        out.append(AttentionQuant(name, attn.to_k.out_features // attn.heads, bits,
+                                  {qn: collapse_steps(q.step, gb, bits) for qn, q in quants.items()}, groups, notes,
+                                  {qn: group_steps(q.step) for qn, q in quants.items()}, gb))
     return out
 
 
@@ -111,17 +137,19 @@ def build_plan(unet: torch.nn.Module) -> ExportPlan:
         scale = scale.reshape(scale.shape[0], -1) if wq.block_size else scale.reshape(-1)
         aq = layer.act_quant
         act_bits = act_step = None
-        groups, notes, per_group = 1, [], ()
+        groups, notes, per_group, gb = 1, [], (), ()
         if aq is not None and aq.enabled:
             if not aq.initialized:
                 raise ConfigError(f"layer {name} has an uninitialized activation quantizer; calibrate first")
-            act_bits, groups = aq.bits, aq.groups
-            act_step, per_group = collapse_steps(aq.step), group_steps(aq.step)
+            act_bits, groups, gb = _collapsed_bits(aq), aq.groups, _mixed(aq)
+            act_step, per_group = collapse_steps(aq.step, gb, act_bits), group_steps(aq.step)
             if groups > 1:
                 notes.append(f"{groups} timestep-group activation steps collapsed to one static step (their max)")
+            if gb:
+                notes.append(f"per-group activation bits {list(gb)} collapsed to {act_bits}-bit")
         plan.append(LayerQuant(name, "conv" if isinstance(layer, QuantConv2d) else "linear", wq.bits, codes,
                                scale.astype(np.float32), wq.block_size, act_bits, act_step, groups, notes,
-                               per_group))
+                               per_group, gb))
     if not plan:
         raise ConfigError("the model has no quantized layers: nothing to export")
     return ExportPlan(plan, _attention_plan(unet))

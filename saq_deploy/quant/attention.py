@@ -118,10 +118,11 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_attention_quant(attn: nn.Module, bits: int, groups: int) -> dict[str, ActQuantizer]:
+def install_attention_quant(attn: nn.Module, bits: int, groups: int,
+                            group_bits: tuple[int, ...] = ()) -> dict[str, ActQuantizer]:
     """Register fresh q/k/v/probs quantizers on `attn` and switch it to `QuantAttnProcessor`."""
     device = next(attn.parameters()).device
-    quantizers = {n: ActQuantizer(bits, groups).to(device) for n in ATTN_QUANTIZERS}
+    quantizers = {n: ActQuantizer(bits, groups, group_bits).to(device) for n in ATTN_QUANTIZERS}
     for n, q in quantizers.items():
         setattr(attn, n, q)
     attn.set_processor(QuantAttnProcessor())
@@ -133,6 +134,6 @@ def quantize_attention_(model: nn.Module, config: QuantConfig) -> dict[str, nn.M
     installed: dict[str, nn.Module] = {}
     for name, attn in planned_attention(model, config).items():
         if not has_attention_quant(attn):  # a repeated quantize_ keeps calibrated steps
-            install_attention_quant(attn, config.act.bits, config.act.timestep_groups)
+            install_attention_quant(attn, config.act.bits, config.act.timestep_groups, config.act.group_bits)
         installed[name] = attn
     return installed

@@ -19,6 +19,7 @@ activation quantization enabled.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -85,13 +86,27 @@ class WeightSpec:
             raise ConfigError(f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
 
 
+def _int_tuple(what: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or \
+            not all(_is_int(v) for v in value):
+        raise ConfigError(f"{what} must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class ActSpec:
-    """Input-activation quantizer: symmetric per-tensor INT`bits`, one step per timestep group."""
+    """Input-activation quantizer: symmetric per-tensor INT`bits`, one step per timestep group.
+
+    `timestep_bounds` (optional, ascending, inside (0, T)): explicit group boundaries, group g
+    covering [b_g, b_{g+1}); empty = equal-width groups. `group_bits` (optional, one per group):
+    each group's activation bits for the main-spec layers (keep_8bit layers stay at 8 in every
+    group); empty = `bits` in every group."""
 
     bits: int = 8
     timestep_groups: int = 1
     enabled: bool = True
+    timestep_bounds: tuple[int, ...] = ()
+    group_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_bits("activation", self.bits)
@@ -99,6 +114,39 @@ class ActSpec:
             raise ConfigError(f"timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"act enabled must be true or false, got {self.enabled!r}")
+        bounds = _int_tuple("timestep_bounds", self.timestep_bounds)
+        object.__setattr__(self, "timestep_bounds", bounds)
+        if bounds and len(bounds) + 1 != self.timestep_groups:
+            raise ConfigError(f"timestep_bounds {list(bounds)} make {len(bounds) + 1} groups, "
+                              f"but timestep_groups = {self.timestep_groups}")
+        if any(b >= c for b, c in itertools.pairwise(bounds)) or (bounds and bounds[0] <= 0):
+            raise ConfigError(f"timestep_bounds must be strictly ascending timesteps > 0, got {list(bounds)}")
+        gb = _int_tuple("group_bits", self.group_bits)
+        object.__setattr__(self, "group_bits", gb)
+        if gb and self.timestep_groups == 1:
+            raise ConfigError("group_bits needs 2 or more timestep groups; with one, set bits")
+        if gb and len(gb) != self.timestep_groups:
+            raise ConfigError(f"group_bits {list(gb)} must give one bit width per timestep group "
+                              f"({self.timestep_groups})")
+        for b in gb:
+            _check_bits("group activation", b)
+
+    @property
+    def grouping(self):
+        """The groups as ``quant.timestep.timestep_groups`` takes them (count + boundaries)."""
+        from saq_deploy.quant.timestep import TimestepGroups
+
+        return TimestepGroups(self.timestep_groups, self.timestep_bounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """asdict without the optional keys at their defaults (manifests as before)."""
+        data = asdict(self)
+        for key in ("timestep_bounds", "group_bits"):
+            if data[key]:
+                data[key] = list(data[key])
+            else:
+                data.pop(key)
+        return data
 
 
 @dataclass(frozen=True)
@@ -111,9 +159,18 @@ class LayerSpec:
     scale_method: str
     act_bits: int | None
     act_groups: int
+    act_group_bits: tuple[int, ...] = ()  # per timestep group (ActSpec.group_bits); () = act_bits in all
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "act_group_bits", tuple(self.act_group_bits))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["act_group_bits"]:  # absent at the default: layer specs as before
+            data.pop("act_group_bits")
+        else:
+            data["act_group_bits"] = list(data["act_group_bits"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
@@ -153,6 +210,9 @@ class QuantConfig:
         if self.act.timestep_groups > self.num_train_timesteps:
             raise ConfigError(f"timestep_groups ({self.act.timestep_groups}) cannot exceed "
                               f"num_train_timesteps ({self.num_train_timesteps})")
+        if self.act.timestep_bounds and self.act.timestep_bounds[-1] >= self.num_train_timesteps:
+            raise ConfigError(f"timestep_bounds {list(self.act.timestep_bounds)} must lie inside "
+                              f"(0, num_train_timesteps = {self.num_train_timesteps})")
 
     def rule_for(self, name: str) -> LayerRule:
         """'skip', 'keep_8bit' or 'main' for a module name (skip checked first)."""
@@ -174,14 +234,14 @@ class QuantConfig:
         block = is_linear and self.weight.granularity == "block"
         return LayerSpec(self.weight.bits, "block" if block else "channel",
                          self.weight.block_size if block else None, self.weight.scale_method,
-                         act_bits, self.act.timestep_groups)
+                         act_bits, self.act.timestep_groups, self.act.group_bits if self.act.enabled else ())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with a `version` field (for the artifact manifest)."""
         return {
             "version": CONFIG_VERSION,
             "weight": asdict(self.weight),
-            "act": asdict(self.act),
+            "act": self.act.to_dict(),
             "keep_8bit": list(self.keep_8bit),
             "skip": list(self.skip),
             "attention_matmul": self.attention_matmul,

@@ -21,6 +21,7 @@ from saq_deploy.quant.quantizer import (
     act_grad_factor,
     expand_scale,
     fake_quant,
+    lsq_grad_factor,
     per_block_scale,
     per_channel_scale,
     qrange,
@@ -130,16 +131,27 @@ class ActQuantizer(nn.Module):
     """Per-tensor symmetric activation quantizer with an LSQ step per timestep group.
 
     Pass-through until `initialized` (set by `set_step` / observers). With groups > 1 each
-    sample's step is picked from the group ids of `timestep.active_timesteps`.
+    sample's step is picked from the group ids of `timestep.active_timesteps`. `group_bits` (one
+    per group, optional) gives each group its own bit width (its qmin/qmax, for the forward, the
+    observers' initial steps and the LSQ gradient); `bits` is then the layer's main width.
     """
 
-    def __init__(self, bits: int, groups: int = 1) -> None:
+    def __init__(self, bits: int, groups: int = 1, group_bits: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.bits = bits
         self.groups = groups
+        gb = tuple(int(b) for b in group_bits) or (bits,) * groups
+        if len(gb) != groups:
+            raise ConfigError(f"group_bits {list(gb)} must give one bit width per group ({groups})")
+        self.group_bits = gb
         self.enabled = True
         self.initialized = False  # a Python flag, so tracing/export sees a constant branch
         self.step = nn.Parameter(torch.ones(groups))
+
+    @property
+    def mixed_bits(self) -> bool:
+        """Whether the groups have different bit widths (else every group runs at `bits`)."""
+        return any(b != self.bits for b in self.group_bits)
 
     @torch.no_grad()
     def set_step(self, step: Tensor) -> None:
@@ -153,6 +165,12 @@ class ActQuantizer(nn.Module):
         """The step broadcast against x: (1,) for one group, (B, 1, ...) for per-sample groups."""
         if self.groups == 1:
             return self.step
+        ids = self._ids(x)
+        if ids.numel() == 1:
+            return self.step[ids]
+        return self.step[ids].reshape(-1, *([1] * (x.dim() - 1)))
+
+    def _ids(self, x: Tensor) -> Tensor:
         ids = current_group_ids()
         if ids is None:
             raise RuntimeError(f"activation quantizer has {self.groups} timestep groups but no group ids are set: "
@@ -160,19 +178,39 @@ class ActQuantizer(nn.Module):
         ids = ids.to(self.step.device)
         if ids.numel() > 0 and (int(ids.min()) < 0 or int(ids.max()) >= self.groups):
             raise RuntimeError(f"timestep group ids {ids.tolist()} out of range for {self.groups} groups")
-        if ids.numel() == 1:
-            return self.step[ids]
-        if ids.numel() != x.shape[0]:
+        if ids.numel() != 1 and ids.numel() != x.shape[0]:
             raise RuntimeError(f"{ids.numel()} timestep group ids for a batch of {x.shape[0]}")
-        return self.step[ids].reshape(-1, *([1] * (x.dim() - 1)))
+        return ids
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.enabled and self.initialized):
             return x
-        return fake_quant(x, self.step_for(x), self.bits, act_grad_factor(x, self.bits))
+        if not self.mixed_bits:
+            return fake_quant(x, self.step_for(x), self.bits, act_grad_factor(x, self.bits))
+        if self.groups == 1:
+            return fake_quant(x, self.step, self.group_bits[0], _grad_factor(x, self.group_bits[0]))
+        ids = self._ids(x)
+        row_bits = torch.tensor(self.group_bits, device=ids.device)[ids]
+        if ids.numel() == 1 or bool((row_bits == row_bits[0]).all()):
+            b = int(row_bits[0])
+            return fake_quant(x, self.step_for(x), b, _grad_factor(x, b))
+        # a batch mixing groups of different widths: each width's rows at their own qmin/qmax
+        step, out = self.step_for(x), torch.empty_like(x)
+        for b in torch.unique(row_bits).tolist():
+            rows = torch.nonzero(row_bits == b).reshape(-1)
+            out[rows] = fake_quant(x[rows], step[rows], b, _grad_factor(x, b))
+        return out
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, groups={self.groups}, initialized={self.initialized}, enabled={self.enabled}"
+        gb = f", group_bits={list(self.group_bits)}" if self.mixed_bits else ""
+        return f"bits={self.bits}, groups={self.groups}{gb}, initialized={self.initialized}, enabled={self.enabled}"
+
+
+def _grad_factor(x: Tensor, bits: int) -> float:
+    """LSQ's factor of a group's step over the whole batch x (as with one width: every group's step
+    counts the batch's elements), under ``batch_share``."""
+    share = act_grad_factor(x, bits)
+    return share if share is not None else lsq_grad_factor(x.numel(), bits)
 
 
 def compute_weight_scale(weight: Tensor, spec: LayerSpec, method: str | None = None) -> Tensor:
@@ -196,7 +234,8 @@ class _QuantMixin:
             weight_scale = compute_weight_scale(self.weight, spec)
         self.layer_spec = spec
         self.weight_quant = WeightQuantizer(spec.weight_bits, weight_scale.to(self.weight.device), spec.block_size)
-        self.act_quant = ActQuantizer(spec.act_bits, spec.act_groups) if spec.act_bits is not None else None
+        self.act_quant = (ActQuantizer(spec.act_bits, spec.act_groups, spec.act_group_bits)
+                          if spec.act_bits is not None else None)
         if self.act_quant is not None:
             self.act_quant.to(self.weight.device)
 

@@ -30,12 +30,14 @@ class ActObserver:
     """Per-group statistics of one activation tensor and the symmetric steps they imply."""
 
     def __init__(self, bits: int, groups: int = 1, method: ObserverMethod = "minmax", percentile: float = 99.99,
-                 *, tail_size: int = 16384, reservoir_size: int = 16384, seed: int = 0) -> None:
+                 *, tail_size: int = 16384, reservoir_size: int = 16384, seed: int = 0,
+                 group_bits: tuple[int, ...] = ()) -> None:
         if method not in OBSERVER_METHODS:
             raise ConfigError(f"observer method must be one of {OBSERVER_METHODS}, got {method!r}")
         if not 0.0 < percentile <= 100.0:
             raise ConfigError(f"percentile must be in (0, 100], got {percentile!r}")
         self.bits, self.groups, self.method, self.percentile = bits, groups, method, percentile
+        self.group_bits = tuple(group_bits) or (bits,) * groups  # each group's steps at its own width
         self.tail_size = tail_size if method == "percentile" else 0
         self.reservoir_size = reservoir_size if method == "mse" else 0
         self.seed = seed
@@ -103,13 +105,14 @@ class ActObserver:
 
     def _mse_step(self, g: int) -> float:
         """The authors' search: 80 shrink factors of max|x|, L2.4 error on the reservoir sample."""
-        qmax = qrange(self.bits)[1]
+        bits = self.group_bits[g]
+        qmax = qrange(bits)[1]
         sample = self.res_vals[g]
         base = self.amax[g] / qmax
         best, best_err = base, math.inf
         for i in range(MSE_CANDIDATES):
             step = base * (1.0 - 0.01 * i)
-            err = float((fake_quant(sample, torch.tensor(step), self.bits) - sample).abs().pow(MSE_NORM).mean())
+            err = float((fake_quant(sample, torch.tensor(step), bits) - sample).abs().pow(MSE_NORM).mean())
             if err < best_err:
                 best, best_err = step, err
         return best
@@ -117,9 +120,9 @@ class ActObserver:
     @torch.no_grad()
     def compute_steps(self) -> Tensor:
         """Step per group, (groups,); NaN for a group that saw no data."""
-        qmax = qrange(self.bits)[1]
         steps = torch.full((self.groups,), float("nan"))
         for g in range(self.groups):
+            qmax = qrange(self.group_bits[g])[1]
             if self.count[g] == 0 or self.amax[g] == 0.0:
                 # An all-zero input still needs a positive step; 1.0 keeps zeros exact.
                 steps[g] = float("nan") if self.count[g] == 0 else 1.0
@@ -146,7 +149,8 @@ def init_act_steps(model: nn.Module, run_batches: Callable[[], None], method: Ob
     """
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
     observers = {n: ActObserver(m.bits, m.groups, method, percentile, tail_size=tail_size,
-                                reservoir_size=reservoir_size) for n, m in quantizers.items()}
+                                reservoir_size=reservoir_size, group_bits=m.group_bits)
+                 for n, m in quantizers.items()}
     was_enabled = {n: m.enabled for n, m in quantizers.items()}
 
     def make_hook(obs: ActObserver, groups: int) -> Callable:

@@ -70,7 +70,9 @@ def quant_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
         name: {"kind": _kind(layer), "weight_shape": list(layer.weight.shape), **layer.layer_spec.to_dict()}
         for name, layer in quant_layers(model).items()}
     for name, attn in attention_quant_modules(model).items():
-        specs[name] = {"kind": "attention", "act_bits": attn.q_quant.bits, "act_groups": attn.q_quant.groups}
+        q = attn.q_quant
+        specs[name] = {"kind": "attention", "act_bits": q.bits, "act_groups": q.groups,
+                       **({"act_group_bits": list(q.group_bits)} if q.mixed_bits else {})}
     return specs
 
 
@@ -86,7 +88,9 @@ def _check_attention(model: nn.Module, config: QuantConfig, specs: Mapping[str, 
     for name, raw in specs.items():
         if has_attention_quant(planned[name]):
             raise ConfigError(f"attention {name!r} already has matmul quantizers: load into a fresh model")
-        expected = {"kind": "attention", "act_bits": config.act.bits, "act_groups": config.act.timestep_groups}
+        expected = {"kind": "attention", "act_bits": config.act.bits, "act_groups": config.act.timestep_groups,
+                    **({"act_group_bits": list(config.act.group_bits)}
+                       if any(b != config.act.bits for b in config.act.group_bits) else {})}
         if dict(raw) != expected:
             raise ConfigError(f"attention {name!r}: stored spec {dict(raw)} disagrees with the config's {expected}")
         for qn in ATTN_QUANTIZERS:
@@ -181,7 +185,7 @@ def load_quant_state(model: nn.Module, config: QuantConfig, state: Mapping[str, 
         _check_entries(name, module.weight.shape, spec, state)
     attention = _check_attention(model, config, attn_specs, state)
     for name, attn in attention.items():
-        quantizers = install_attention_quant(attn, config.act.bits, config.act.timestep_groups)
+        quantizers = install_attention_quant(attn, config.act.bits, config.act.timestep_groups, config.act.group_bits)
         for qn, q in quantizers.items():
             if f"{name}.{qn}.act_step" in state:
                 q.set_step(state[f"{name}.{qn}.act_step"])
