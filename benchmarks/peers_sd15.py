@@ -6,6 +6,7 @@ every variant in one process, interleaved (the digits table is benchmarks/peers.
   ours-ort-attn   the same with attention q.k^T / probs.v and the softmax output at INT8 (full INT8)
   ours-ov         our tensorrt placement compiled by the OpenVINO CPU plugin (build-engine --backend openvino)
   ours-ov-attn    the same, full INT8 attention
+  ours-ov-ortpl[-attn]  (--ov-ort-placement) the onnxruntime-cpu placements compiled by OpenVINO
 
 An SD-1.5-size artifact through `saq-deploy calibrate` + `export` costs ~40 min and 15 GB on 2 cores
 (docs/results/sd15-prompt-path.md), so "ours" is built in process from the same pieces the CLI
@@ -114,7 +115,7 @@ def build_ours(work: Path, model: str, np_feeds: list[dict]) -> dict:
     return notes
 
 
-def engines(work: Path, threads: int) -> dict:
+def engines(work: Path, threads: int, ov_on_ort_placement: bool = False) -> dict:
     """Our four engines, built and opened with the backends' own code (what build-engine does)."""
     from saq_deploy.backends.int8_codes import drop_source, source_for_this_cpu
     from saq_deploy.backends.onnxruntime import OrtRunner, optimize_model
@@ -137,13 +138,21 @@ def engines(work: Path, threads: int) -> dict:
             _, b, f = compile_blob(src, d, target, threads=threads, shown=onnx_path)
             out[name] = OvRunner(d / f, b, threads=threads)
             notes[name] = {"build_s": b["build_time_s"], "compute_layers": b["precisions"]["compute_layers"], **codes}
+        if target == "onnxruntime-cpu" and ov_on_ort_placement:
+            # the same graph through OpenVINO: which placement OpenVINO runs faster at this size
+            d = work / f"{name}.ov-ortpl"
+            d.mkdir(exist_ok=True)
+            _, b, f = compile_blob(src, d, target, threads=threads, shown=onnx_path)
+            ov_name = name.replace("ours-ort", "ours-ov-ortpl")
+            out[ov_name] = OvRunner(d / f, b, threads=threads)
+            notes[ov_name] = {"build_s": b["build_time_s"], "compute_layers": b["precisions"]["compute_layers"], **codes}
         del src
         drop_source(work)
         gc.collect()
     return out, notes
 
 
-def calls_for(work: Path, m: Model, threads: int) -> tuple[dict, dict]:
+def calls_for(work: Path, m: Model, threads: int, ov_on_ort_placement: bool = False) -> tuple[dict, dict]:
     import openvino as ov
 
     from saq_deploy.backends.onnxruntime import OrtRunner
@@ -169,7 +178,7 @@ def calls_for(work: Path, m: Model, threads: int) -> tuple[dict, dict]:
 
         calls[name] = ov_call
         gc.collect()
-    ours, notes["ours"] = engines(work, threads)
+    ours, notes["ours"] = engines(work, threads, ov_on_ort_placement)
     for name, r in ours.items():
         calls[name] = (lambda f, r=r: r.run(f, tuple(f["sample"].shape)))
     return calls, notes
@@ -210,6 +219,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="sd15", choices=("sd15", "sd15-tiny"), help="sd15-tiny: a smoke run")
     ap.add_argument("--build-stage", choices=STAGES, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ov-ort-placement", action="store_true",
+                    help="also our onnxruntime-cpu placements compiled by OpenVINO (ours-ov-ortpl*)")
     ap.add_argument("--note", action="append", default=[])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed-peers-sd15")
     args = ap.parse_args()
@@ -227,7 +238,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     m = Model(args.model)
-    calls, notes = calls_for(args.work, m, args.threads)
+    calls, notes = calls_for(args.work, m, args.threads, args.ov_ort_placement)
     notes["build"] = build
     latency = {}
     for b in [int(x) for x in args.batches.split(",")]:
