@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         return merge(args.merge, args.out, args.notes)
     if args.quick:
-        args.n, args.methods, args.resamples, args.seeds = 64, "minmax,mse", 20, args.seeds.split(",")[0] + ",1"
+        args.n, args.methods, args.resamples, args.seeds = 64, "minmax,mse", 8, args.seeds.split(",")[0] + ",1"
         args.pairs = args.pairs or "mse:minmax"
     torch.manual_seed(0)
     fp = load_model("builtin:digits")
