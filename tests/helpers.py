@@ -224,6 +224,20 @@ def tiny_unet_uncond(*, channels: int = 3, size: int = 8, widths: tuple[int, int
                        attention_head_dim=8)
 
 
+def calibrate_tiny_uncond(root: Path, name: str, overrides: dict) -> Path:
+    """``tiny_unet_uncond`` trained briefly, saved as a diffusers folder (LDM schedule) and
+    calibrated to ``root / name`` with minmax on 16 samples x 10 steps, plus ``overrides``."""
+    from saq_deploy.calibrate.recipe import Recipe
+    from saq_deploy.calibrate.run import calibrate
+
+    torch.set_num_threads(1)
+    pipe = save_pipeline_folder(root / "pipe", train_briefly(tiny_unet_uncond()), scheduler_kwargs=LDM_SCHEDULE)
+    out = root / name
+    calibrate(Recipe().with_overrides({"model.spec": str(pipe), "calibration.method": "minmax",
+                                       "calibration.num_samples": 16, "calibration.steps": 10, **overrides}), out)
+    return out
+
+
 def digits_recipe(bits: str, method: str, *, num_samples: int, steps: int, **tables: dict) -> str:
     """A recipe file's text for builtin:digits, as a user writes one for ``calibrate -c`` (for the
     tests and benchmarks that go through the CLI; in-process ones use ``Recipe.with_overrides``).

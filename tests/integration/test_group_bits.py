@@ -20,10 +20,9 @@ import torch
 from saq_deploy.backends import build_engine, load_engine
 from saq_deploy.calibrate.artifact import load_artifact
 from saq_deploy.calibrate.recipe import Recipe, quant_config_for
-from saq_deploy.calibrate.run import calibrate
 from saq_deploy.errors import ConfigError
 from saq_deploy.quant.timestep import TimestepGroups, timestep_groups
-from tests.helpers import LDM_SCHEDULE, save_pipeline_folder, tiny_unet_uncond, train_briefly
+from tests.helpers import calibrate_tiny_uncond
 from tests.integration.test_group_engines import _snr_vs_reference
 
 ORT = "onnxruntime-cpu"
@@ -85,16 +84,10 @@ def art(tmp_path_factory):
     """minmax W4A4, bounds [990], bits [4, 8], exported for ONNX Runtime with a grouped engine."""
     from saq_deploy.export.api import export_artifact
 
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("groupbits")
-    unet = train_briefly(tiny_unet_uncond(channels=3, widths=(24, 48)))
-    pipe = save_pipeline_folder(root / "pipe", unet, scheduler_kwargs=LDM_SCHEDULE)
-    out = root / "w4a4-t8"
     # per-channel INT4 weights: this UNet's 48-wide Linear inputs fit no INT4 block
-    calibrate(Recipe().with_overrides({"model.spec": str(pipe), "calibration.method": "minmax", "quant.bits": "w4a4",
-                                       "quant.weight_block_size": 0, "calibration.num_samples": 16,
-                                       "calibration.steps": 10, "quant.act_timestep_bounds": BOUNDS,
-                                       "quant.act_group_bits": BITS}), out)
+    out = calibrate_tiny_uncond(tmp_path_factory.mktemp("groupbits"), "w4a4-t8",
+                                {"quant.bits": "w4a4", "quant.weight_block_size": 0,
+                                 "quant.act_timestep_bounds": BOUNDS, "quant.act_group_bits": BITS})
     export_artifact(out, (ORT,))
     build_engine(out, "onnxruntime")
     return out

@@ -23,7 +23,7 @@ from saq_deploy.calibrate.artifact import load_artifact
 from saq_deploy.calibrate.recipe import Recipe
 from saq_deploy.calibrate.run import calibrate
 from saq_deploy.errors import ModelLoadError
-from tests.helpers import LDM_SCHEDULE, save_pipeline_folder, tiny_unet_uncond, train_briefly
+from tests.helpers import calibrate_tiny_uncond
 
 pytestmark = pytest.mark.slow
 K = 3
@@ -34,14 +34,8 @@ ORT = "onnxruntime-cpu"
 def art(tmp_path_factory):
     """minmax W8A8, 3 timestep groups, exported (both placements, per-group by default), with a
     grouped ONNX Runtime engine in engine/ and the collapsed graph's engine in engine-collapsed/."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("groups")
-    unet = train_briefly(tiny_unet_uncond(channels=3, widths=(24, 48)))
-    pipe = save_pipeline_folder(root / "pipe", unet, scheduler_kwargs=LDM_SCHEDULE)
-    out = root / "w8a8-g3"
-    calibrate(Recipe().with_overrides({"model.spec": str(pipe), "calibration.method": "minmax", "quant.bits": "w8a8",
-                                       "calibration.num_samples": 16, "calibration.steps": 10,
-                                       "quant.act_timestep_groups": K}), out)
+    out = calibrate_tiny_uncond(tmp_path_factory.mktemp("groups"), "w8a8-g3",
+                                {"quant.bits": "w8a8", "quant.act_timestep_groups": K})
     from saq_deploy.export.api import export_artifact
 
     export_artifact(out)
