@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see speed.py: torch and O
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import subprocess
@@ -188,16 +189,20 @@ def _eps_of(f, m: Model):
     return eps
 
 
-def _digit_feature_name() -> str:
+@functools.cache
+def _digit_extractor():
+    """The digit feature CNN, loaded once for every variant's samples."""
     from saq_deploy.eval.features import DigitFeatures
 
-    return DigitFeatures().name
+    return DigitFeatures()
+
+
+def _digit_feature_name() -> str:
+    return _digit_extractor().name
 
 
 def digit_features(images: torch.Tensor) -> np.ndarray:
-    from saq_deploy.eval.features import DigitFeatures
-
-    return np.asarray(DigitFeatures()(images), dtype=np.float64)
+    return np.asarray(_digit_extractor()(images), dtype=np.float64)
 
 
 def full_sample(calls: dict, m: Model, batch: int, rounds: int) -> dict[str, dict]:
