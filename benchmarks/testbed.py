@@ -135,20 +135,21 @@ def pairwise(pairs: str, labels, args, grid) -> list[dict]:
 
     out = []
     seed = int(args.seeds.split(",")[0])
-    for pair in [p for p in pairs.split(",") if p]:
+    clips = (False, True) if args.clip else (False,)
+    for pair, clip in [(p, c) for p in pairs.split(",") if p for c in clips]:
         names = pair.split(":")
         xs, feats = [], []
         for method in names:
             path, _ = calibrated(method, args)
-            x = quantized_samples(load_artifact(path), path, method, False, seed, args, grid)
+            x = quantized_samples(load_artifact(path), path, method, clip, seed, args, grid)
             met, f = score(x, labels, args, seed)
             xs.append(x)
             feats.append(f)
         d = paired_fid_delta(feats[0], feats[1], met["features"], args.resamples, 6)
         gap, gap_ci = mean_ci(per_sample_mse(xs[1], xs[0]), args.resamples, 7)
         out.append({"model": f"{names[0]} vs {names[1]}", "kind": "pair", "sampler": "ddim", "seed": seed,
-                    "grid": f"{args.spacing}{args.steps} (testbed)", "fid_delta": d["delta"], "fid_delta_ci": d["ci"],
-                    "mse_between": gap, "mse_between_ci": gap_ci})
+                    "grid": f"{args.spacing}{args.steps} (testbed){' + clip_sample' if clip else ''}",
+                    "fid_delta": d["delta"], "fid_delta_ci": d["ci"], "mse_between": gap, "mse_between_ci": gap_ci})
         print(json.dumps(out[-1]), flush=True)
     return out
 

@@ -69,12 +69,18 @@ def render(meta: dict, rows: list[dict]) -> str:
     pairs = [r for r in rows if r.get("kind") == "pair"]
     if pairs:
         lines += ["", "## Paired comparisons between methods (same x_T and labels)", "",
-                  "| A vs B | FID(A) − FID(B), 95 % CI | resolved | mean MSE between their samples |", "|---|---|---|---|"]
+                  "| A vs B | setting | FID(A) − FID(B), 95 % CI | resolved | mean MSE between their samples |",
+                  "|---|---|---|---|---|"]
         for r in pairs:
             lo, hi = r["fid_delta_ci"]
-            lines.append(f"| {r['model']} | {_ci(r['fid_delta'], r['fid_delta_ci'])} | "
+            lines.append(f"| {r['model']} | DDIM-{meta['steps']} {r.get('grid', '')} | {_ci(r['fid_delta'], r['fid_delta_ci'])} | "
                          f"{'yes' if hi < 0 or lo > 0 else 'no'} | {r['mse_between']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _bits(meta: dict) -> str:
+    # rows carry "w8a8 full-INT8", the meta adds an explanation in parentheses
+    return meta.get("bits", "").split(" (")[0]
 
 
 def merge(parts: list[Path], out: Path, notes: Path | None = None) -> None:
@@ -89,6 +95,9 @@ def merge(parts: list[Path], out: Path, notes: Path | None = None) -> None:
     for i, d in enumerate(datas):
         for r in d["rows"]:
             if r["model"] == "fp32" and i != fp_part:
+                continue
+            # quantized rows at other bits (e.g. of the W4A8 part a W8A8 table takes its FP rows from) stay out
+            if r["model"] != "fp32" and r.get("bits", _bits(d["meta"])) != _bits(meta):
                 continue
             k = (r["model"], r["sampler"], r["grid"], r["seed"], r.get("kind"))
             if k not in keys:

@@ -40,5 +40,10 @@ def test_quick_run_writes_a_consistent_table(tmp_path, monkeypatch):
     assert pair["model"] == "mse vs minmax"
     assert pair["fid_delta"] == pytest.approx(mse["digit_fid"] - row["digit_fid"], abs=1e-6)
     assert pair["fid_delta_ci"][0] <= pair["fid_delta"] <= pair["fid_delta_ci"][1] and pair["mse_between"] > 0
+    # with --clip, the pair is also compared on the clipped rows (a separate sampler setting)
+    clipped = {r["model"]: r for r in rows if r["model"].endswith(" + clip_sample")}
+    pair_clip = next(r for r in rows if r.get("kind") == "pair" and r["grid"].endswith("+ clip_sample"))
+    assert pair_clip["fid_delta"] == pytest.approx(
+        clipped["mse + clip_sample"]["digit_fid"] - clipped["minmax + clip_sample"]["digit_fid"], abs=1e-6)
     md = (tmp_path / "tb.md").read_text()
     assert "| minmax |" in md and "(a) FID ≤ FP DDIM" in md
