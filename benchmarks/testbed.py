@@ -46,6 +46,9 @@ VARIANTS = {
     "sa-qlora-n": ("sa-qlora", {"qlora.mixstep": "N"}),  # only the deployment step count
     "sa-qlora-2stage": ("sa-qlora", {"qlora.same_point_epochs": 10}),  # same order first, then MOTA
     "sa-qlora-40ep": ("sa-qlora", {"qlora.epochs": 40}),  # a longer schedule
+    # the W4A8 recipes' LoRA rate (relative to the weight step) at W8A8, where the step is 127/7 times
+    # finer, so the LoRA factors move 18x less (the W8A8 recipes scale it back)
+    **{f"{m}-lr4b": (m, {"qlora.lr": 2e-2}) for m in ("qlora-mse", "sa-qlora")},
     # K timestep groups of activation steps: deployable as K engines sharing one set of weights
     **{f"{m}-g{k}": (m, {"quant.act_timestep_groups": k}) for m in ("minmax", "qlora-mse", "sa-qlora") for k in (2, 4)},
     # 2 groups [0, 990) at the recipe's activation bits and [990, T) at 8 (docs/design/deployment.md §7.1):
@@ -182,14 +185,6 @@ def paired(x, feats, ref_ddim, ref_dpm2, args, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from saq_deploy.calibrate.artifact import load_artifact
-    from saq_deploy.generate import class_labels
-    from saq_deploy.models.loading import load_model
-    from saq_deploy.samplers.registry import default_grid
-    from saq_deploy.schedules.spacing import SPACINGS
-    from saq_deploy.utils.io import atomic_path, write_json_atomic
-    from saq_deploy.utils.versions import package_versions
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seeds", default="1000,5000")
@@ -210,9 +205,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full-int8", action="store_true", help="W8A8 with attention matmuls quantized (quant.attention_matmul)")
     ap.add_argument("--pairs", default="", help="A:B,... paired FID difference between two methods' rows")
     ap.add_argument("--quick", action="store_true", help="CI smoke: n 64, minmax and mse, 8 calibration samples")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: parts run side by side, one per core)")
     args = ap.parse_args(argv)
+    # Parts run in parallel; torch's default (one thread per core in every process) oversubscribes the
+    # cores, and OpenMP's spinning then cost 3-15x: a W8A8 QLoRA epoch took 73-390 s with three
+    # 2-thread parts on 2 cores, 24 s with two 1-thread parts.
     if args.merge:
         return merge(args.merge, args.out, args.notes)
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run(args, argv)
+    finally:  # main() also runs inside pytest (the --quick smoke): leave its thread count as it was
+        torch.set_num_threads(before)
+
+
+def run(args, argv: list[str] | None) -> None:
+    from saq_deploy.calibrate.artifact import load_artifact
+    from saq_deploy.generate import class_labels
+    from saq_deploy.models.loading import load_model
+    from saq_deploy.samplers.registry import default_grid
+    from saq_deploy.schedules.spacing import SPACINGS
+    from saq_deploy.utils.io import atomic_path, write_json_atomic
+    from saq_deploy.utils.versions import package_versions
+
     if args.quick:
         args.n, args.methods, args.resamples, args.seeds = 64, "minmax,mse", 8, args.seeds.split(",")[0] + ",1"
         args.pairs = args.pairs or "mse:minmax"
