@@ -92,6 +92,8 @@ def merge(parts: list[Path], out: Path, notes: Path | None = None) -> None:
     keys, rows = set(), []
     # FP rows from the first part that has them (parts may have sampled FP at other grids or labels)
     fp_part = next((i for i, d in enumerate(datas) if any(r["model"] == "fp32" for r in d["rows"])), None)
+    if fp_part is not None:  # the FP seed sets (and FP's spread) are the FP part's
+        meta["seeds"] = datas[fp_part]["meta"]["seeds"]
     for i, d in enumerate(datas):
         for r in d["rows"]:
             if r["model"] == "fp32" and i != fp_part:
