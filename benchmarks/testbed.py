@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: parts run side by side, one per core)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.notes)
     # Parts run in parallel; torch's default (one thread per core in every process) oversubscribes the
     # cores, and OpenMP's spinning then cost 3-15x: a W8A8 QLoRA epoch took 73-390 s with three
     # 2-thread parts on 2 cores, 24 s with two 1-thread parts.
-    if args.merge:
-        return merge(args.merge, args.out, args.notes)
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
